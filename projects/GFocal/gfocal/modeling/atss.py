@@ -1,0 +1,95 @@
+"""Adaptive Training Sample Selection (ATSS, Zhang et al., CVPR 2020), batched over images."""
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from detectron2.structures import Boxes, pairwise_iou
+
+__all__ = ["atss_assign", "pad_gt_boxes"]
+
+
+@torch.no_grad()
+def atss_assign(
+    anchors: Tensor,
+    num_anchors_per_level: List[int],
+    gt_boxes: Tensor,
+    gt_valid: Tensor,
+    topk: int = 9,
+) -> Tensor:
+    """Assign every anchor to at most one GT box, for a whole batch at once.
+
+    For each GT: per level, the ``topk`` anchors whose centers are nearest to the GT center are
+    candidates (all anchors of a level with fewer than ``topk``); the IoU threshold is the mean plus
+    the (unbiased) standard deviation of the candidates' IoUs; positives are candidates with IoU at
+    or above it whose center lies inside the GT (all four distances > 0.01). An anchor claimed by
+    several GTs goes to the one with the highest IoU.
+
+    Args:
+        anchors: (R, 4) XYXY anchor boxes of all levels, concatenated level by level.
+        num_anchors_per_level: the number of anchors of each level, summing to R.
+        gt_boxes: (N, G, 4) GT boxes of N images, padded to G per image.
+        gt_valid: (N, G) bool, False for the padding.
+        topk: candidates per level and GT.
+
+    Returns:
+        (N, R) int64: the index of the matched GT in ``gt_boxes[i]``, or -1 for negatives.
+    """
+    num_images, num_gts = gt_valid.shape
+    num_anchors = anchors.shape[0]
+    if num_gts == 0:
+        return torch.full((num_images, num_anchors), -1, dtype=torch.long, device=anchors.device)
+
+    # (N, R, G) IoUs and anchor-center to GT-center distances.
+    ious = pairwise_iou(Boxes(anchors), Boxes(gt_boxes.reshape(-1, 4)))
+    ious = ious.view(num_anchors, num_images, num_gts).permute(1, 0, 2)
+    anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2  # (R, 2)
+    gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (N, G, 2)
+    distances = torch.cdist(anchor_centers[None].expand(num_images, -1, -1), gt_centers)
+
+    # Per level, the topk nearest anchors of every GT: (N, K, G) anchor indices.
+    candidates = []
+    start = 0
+    for level_size in num_anchors_per_level:
+        k = min(topk, level_size)
+        _, idx = distances[:, start : start + level_size].topk(k, dim=1, largest=False)
+        candidates.append(idx + start)
+        start += level_size
+    candidates = torch.cat(candidates, dim=1)
+
+    candidate_ious = ious.gather(1, candidates)  # (N, K, G)
+    threshold = candidate_ious.mean(dim=1) + candidate_ious.std(dim=1)  # (N, G)
+    is_pos = candidate_ious >= threshold[:, None, :]
+
+    # Center of the candidate strictly inside the GT.
+    cand_centers = anchor_centers[candidates]  # (N, K, G, 2)
+    gt = gt_boxes[:, None, :, :]  # (N, 1, G, 4)
+    inside = torch.stack(
+        [
+            cand_centers[..., 0] - gt[..., 0],
+            cand_centers[..., 1] - gt[..., 1],
+            gt[..., 2] - cand_centers[..., 0],
+            gt[..., 3] - cand_centers[..., 1],
+        ],
+        dim=-1,
+    ).amin(dim=-1) > 0.01
+    is_pos &= inside & gt_valid[:, None, :]
+
+    # Scatter the positives' IoUs into (N, R, G); candidates are distinct per GT, so no collisions.
+    pos_ious = torch.full_like(ious, -1.0)
+    pos_ious.scatter_(1, candidates, torch.where(is_pos, candidate_ious, -1.0))
+    best_iou, best_gt = pos_ious.max(dim=2)  # highest IoU wins an anchor claimed by several GTs
+    return torch.where(best_iou >= 0, best_gt, torch.full_like(best_gt, -1))
+
+
+def pad_gt_boxes(boxes_per_image: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Stack per-image (Gi, 4) boxes into (N, G, 4) with G = max Gi, and a (N, G) validity mask."""
+    num_images = len(boxes_per_image)
+    max_gts = max((len(b) for b in boxes_per_image), default=0)
+    device = boxes_per_image[0].device
+    padded = boxes_per_image[0].new_zeros((num_images, max_gts, 4))
+    valid = torch.zeros((num_images, max_gts), dtype=torch.bool, device=device)
+    for i, boxes in enumerate(boxes_per_image):
+        padded[i, : len(boxes)] = boxes
+        valid[i, : len(boxes)] = True
+    return padded, valid

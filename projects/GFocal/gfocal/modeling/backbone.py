@@ -1,0 +1,67 @@
+"""ResNet/ResNeXt + FPN with P6/P7 built as in the GFL reference (from the FPN output P5)."""
+from typing import List
+
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+import fvcore.nn.weight_init as weight_init
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone import FPN, build_resnet_backbone
+
+__all__ = ["LastLevelP6P7", "build_gfl_resnet_fpn_backbone"]
+
+
+class LastLevelP6P7(nn.Module):
+    """P6 = 3x3/2 conv of ``in_feature``; P7 = 3x3/2 conv of P6 (after a ReLU if ``relu``).
+
+    The GFL reference uses ``in_feature="p5"`` (the FPN output) and no ReLU; detectron2's
+    RetinaNet uses ``"res5"`` and a ReLU.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, in_feature: str = "p5", relu: bool = False):
+        super().__init__()
+        self.num_levels = 2
+        self.in_feature = in_feature
+        self.relu = relu
+        self.p6 = nn.Conv2d(in_channels, out_channels, 3, 2, 1)
+        self.p7 = nn.Conv2d(out_channels, out_channels, 3, 2, 1)
+        for module in (self.p6, self.p7):
+            weight_init.c2_xavier_fill(module)
+
+    def forward(self, x: Tensor) -> List[Tensor]:
+        p6 = self.p6(x)
+        p7 = self.p7(F.relu(p6) if self.relu else p6)
+        return [p6, p7]
+
+
+@BACKBONE_REGISTRY.register()
+def build_gfl_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
+    """ResNet (``MODEL.RESNETS``) + FPN (``MODEL.FPN``) + :class:`LastLevelP6P7` with
+    ``MODEL.FPN.TOP_BLOCK_IN_FEATURE`` and ``MODEL.FPN.TOP_BLOCK_RELU``."""
+    bottom_up = build_resnet_backbone(cfg, input_shape)
+    return fpn_with_p6p7(cfg, bottom_up)
+
+
+def fpn_with_p6p7(cfg, bottom_up) -> FPN:
+    """An FPN over any detectron2 ``bottom_up`` backbone, with the configured P6/P7 top block."""
+    in_feature = cfg.MODEL.FPN.TOP_BLOCK_IN_FEATURE
+    out_channels = cfg.MODEL.FPN.OUT_CHANNELS
+    if in_feature.startswith("p"):
+        in_channels = out_channels
+    else:
+        shapes = bottom_up.output_shape()
+        if in_feature not in shapes:
+            raise ValueError(
+                f"MODEL.FPN.TOP_BLOCK_IN_FEATURE={in_feature!r}: the backbone has "
+                f"{sorted(shapes)}; use a FPN output such as 'p5' or one of those."
+            )
+        in_channels = shapes[in_feature].channels
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=out_channels,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=LastLevelP6P7(in_channels, out_channels, in_feature, cfg.MODEL.FPN.TOP_BLOCK_RELU),
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )

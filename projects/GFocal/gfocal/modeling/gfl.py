@@ -1,0 +1,383 @@
+"""The GFL meta-architecture (Li et al., "Generalized Focal Loss", NeurIPS 2020)."""
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.config import configurable
+from detectron2.layers import batched_nms, cat
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
+from detectron2.modeling.backbone import Backbone
+from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
+from detectron2.structures import Boxes, ImageList, Instances
+from detectron2.utils.events import get_event_storage
+
+from ..config import BOX_REPRESENTATIONS, CLS_LOSSES, QUALITY_BRANCHES
+from .atss import atss_assign, pad_gt_boxes
+from .head import GFLHead
+from .integral import Integral, boxes_to_distances, distances_to_boxes
+from .losses import (
+    aligned_iou,
+    all_reduce_mean,
+    centerness_targets,
+    distribution_focal_loss,
+    giou_loss,
+    quality_focal_loss,
+    sigmoid_focal_loss,
+)
+
+__all__ = ["GFL"]
+
+logger = logging.getLogger(__name__)
+
+
+@META_ARCH_REGISTRY.register()
+class GFL(DenseDetector):
+    """Generalized Focal Loss detector: ATSS assignment, a joint classification-IoU score trained
+    by Quality Focal Loss and a general distribution per box edge trained by Distribution Focal
+    Loss plus GIoU. The paper's ablations (Focal Loss, a separate quality branch, Dirac boxes,
+    no DFL) are switches of the same class; see :func:`gfocal.add_gfl_config`.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        head: nn.Module,
+        head_in_features: List[str],
+        num_classes: int,
+        reg_max: int = 16,
+        anchor_scale: float = 8.0,
+        anchor_offset: float = 0.0,
+        topk: int = 9,
+        cls_loss: str = "QFL",
+        quality: str = "joint",
+        box_representation: str = "distribution",
+        use_dfl: bool = True,
+        qfl_beta: float = 2.0,
+        focal_loss_alpha: float = 0.25,
+        focal_loss_gamma: float = 2.0,
+        loss_weights: Optional[Dict[str, float]] = None,
+        test_score_thresh: float = 0.05,
+        test_topk_candidates: int = 1000,
+        test_nms_thresh: float = 0.6,
+        max_detections_per_image: int = 100,
+        pixel_mean: Tuple[float, ...],
+        pixel_std: Tuple[float, ...],
+        input_format: str = "BGR",
+    ):
+        """
+        Args:
+            backbone, head, head_in_features, pixel_mean, pixel_std: as in :class:`DenseDetector`.
+            loss_weights: weights of "loss_cls", "loss_box" (GIoU), "loss_dfl", "loss_quality".
+            Other arguments: the ``MODEL.GFL`` keys of the same name (see ``gfocal/config.py``).
+        """
+        super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
+        self.num_classes = num_classes
+        self.reg_max = reg_max
+        self.topk = topk
+        self.cls_loss = cls_loss
+        self.quality = quality
+        self.box_representation = box_representation
+        self.use_dfl = use_dfl and box_representation == "distribution"
+        self.qfl_beta = qfl_beta
+        self.focal_loss_alpha = focal_loss_alpha
+        self.focal_loss_gamma = focal_loss_gamma
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": 2.0, "loss_dfl": 0.25, "loss_quality": 1.0}
+        self.loss_weights.update(loss_weights or {})
+        self.test_score_thresh = test_score_thresh
+        self.test_topk_candidates = test_topk_candidates
+        self.test_nms_thresh = test_nms_thresh
+        self.max_detections_per_image = max_detections_per_image
+        self.input_format = input_format
+
+        shapes = backbone.output_shape()
+        self.strides = [shapes[f].stride for f in self.head_in_features]
+        self.anchor_generator = DefaultAnchorGenerator(
+            sizes=[[anchor_scale * s] for s in self.strides],
+            aspect_ratios=[1.0],
+            strides=self.strides,
+            offset=anchor_offset,
+        )
+        self.integral = Integral(reg_max)
+
+    @classmethod
+    def from_config(cls, cfg):
+        check_gfl_config(cfg)
+        gfl = cfg.MODEL.GFL
+        backbone = build_backbone(cfg)
+        backbone_shape = backbone.output_shape()
+        missing = [f for f in gfl.IN_FEATURES if f not in backbone_shape]
+        if missing:
+            raise ValueError(
+                f"MODEL.GFL.IN_FEATURES={list(gfl.IN_FEATURES)}: {missing} not produced by the "
+                f"backbone, which has {sorted(backbone_shape)}"
+            )
+        head = GFLHead(cfg, [backbone_shape[f] for f in gfl.IN_FEATURES])
+        return {
+            "backbone": backbone,
+            "head": head,
+            "head_in_features": list(gfl.IN_FEATURES),
+            "num_classes": gfl.NUM_CLASSES,
+            "reg_max": gfl.REG_MAX,
+            "anchor_scale": gfl.ANCHOR_SCALE,
+            "anchor_offset": gfl.ANCHOR_OFFSET,
+            "topk": gfl.TOPK,
+            "cls_loss": gfl.CLS_LOSS,
+            "quality": gfl.QUALITY,
+            "box_representation": gfl.BOX_REPRESENTATION,
+            "use_dfl": gfl.USE_DFL,
+            "qfl_beta": gfl.QFL_BETA,
+            "focal_loss_alpha": gfl.FOCAL_LOSS_ALPHA,
+            "focal_loss_gamma": gfl.FOCAL_LOSS_GAMMA,
+            "loss_weights": {
+                "loss_cls": gfl.LOSS_CLS_WEIGHT,
+                "loss_box": gfl.LOSS_BOX_WEIGHT,
+                "loss_dfl": gfl.LOSS_DFL_WEIGHT,
+                "loss_quality": gfl.LOSS_QUALITY_WEIGHT,
+            },
+            "test_score_thresh": gfl.SCORE_THRESH_TEST,
+            "test_topk_candidates": gfl.TOPK_CANDIDATES_TEST,
+            "test_nms_thresh": gfl.NMS_THRESH_TEST,
+            "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
+        }
+
+    # ------------------------------------------------------------------------------------------
+    # Shared pieces
+    # ------------------------------------------------------------------------------------------
+    def _flatten_predictions(
+        self, predictions: Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]
+    ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
+        """Per level (N, K, Hi, Wi) -> (N, Hi*Wi, K) for logits, box logits and quality."""
+        logits, box_logits, quality = predictions
+        box_dim = box_logits[0].shape[1]
+        logits = [permute_to_N_HWA_K(x, self.num_classes) for x in logits]
+        box_logits = [permute_to_N_HWA_K(x, box_dim) for x in box_logits]
+        if quality is not None:
+            quality = [permute_to_N_HWA_K(x, 1).squeeze(-1) for x in quality]
+        return logits, box_logits, quality
+
+    def decode_distances(self, box_logits: Tensor) -> Tensor:
+        """Box logits (..., box_dim) -> (l, t, r, b) distances (..., 4) in stride units:
+        the integral of the distributions (Eq. 5), or ReLU'd direct distances (Dirac)."""
+        if self.box_representation == "distribution":
+            return self.integral(box_logits)
+        return F.relu(box_logits.float())
+
+    # ------------------------------------------------------------------------------------------
+    # Training
+    # ------------------------------------------------------------------------------------------
+    def forward_training(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]],
+        gt_instances: List[Instances],
+    ) -> Dict[str, Tensor]:
+        logits, box_logits, quality = self._flatten_predictions(predictions)
+        anchors = self.anchor_generator(features)
+        num_per_level = [len(a) for a in anchors]
+        anchors = Boxes.cat(anchors).tensor
+        strides = cat(
+            [anchors.new_full((n,), float(s)) for n, s in zip(num_per_level, self.strides)]
+        )
+        gt_boxes, gt_valid = pad_gt_boxes([x.gt_boxes.tensor for x in gt_instances])
+        gt_classes = torch.full(gt_valid.shape, -1, dtype=torch.long, device=gt_valid.device)
+        for i, x in enumerate(gt_instances):
+            gt_classes[i, : len(x)] = x.gt_classes
+        matched = atss_assign(anchors, num_per_level, gt_boxes, gt_valid, self.topk)
+        return self.losses(
+            anchors,
+            strides,
+            cat(logits, dim=1),
+            cat(box_logits, dim=1),
+            cat(quality, dim=1) if quality is not None else None,
+            matched,
+            gt_boxes,
+            gt_classes,
+        )
+
+    def losses(
+        self,
+        anchors: Tensor,
+        strides: Tensor,
+        logits: Tensor,
+        box_logits: Tensor,
+        quality: Optional[Tensor],
+        matched: Tensor,
+        gt_boxes: Tensor,
+        gt_classes: Tensor,
+    ) -> Dict[str, Tensor]:
+        """
+        Args:
+            anchors: (R, 4) anchors of all levels; strides: (R,) their levels' strides.
+            logits: (N, R, C); box_logits: (N, R, box_dim); quality: (N, R) or None.
+            matched: (N, R) matched GT index or -1 (:func:`atss_assign`).
+            gt_boxes: (N, G, 4) padded GT boxes; gt_classes: (N, G).
+
+        Classification is summed over all anchors and classes and divided by the number of
+        positives; GIoU and DFL of each positive are weighted (by the detached max class score
+        with the joint representation, by the centerness target with a centerness branch, else 1)
+        and divided by the sum of the weights. Both normalisers are averaged over workers.
+        """
+        num_images = logits.shape[0]
+        pos_img, pos_anchor = torch.nonzero(matched >= 0, as_tuple=True)
+        pos_gt = matched[pos_img, pos_anchor]
+        num_pos = all_reduce_mean(logits.new_tensor(float(pos_img.numel()))).clamp(min=1.0)
+        get_event_storage().put_scalar("num_pos_anchors", pos_img.numel() / num_images)
+
+        # Box geometry of the positives, in units of their level's stride.
+        pos_strides = strides[pos_anchor, None]
+        pos_centers = (anchors[pos_anchor, :2] + anchors[pos_anchor, 2:]) / 2 / pos_strides
+        pos_targets = gt_boxes[pos_img, pos_gt] / pos_strides
+        pos_classes = gt_classes[pos_img, pos_gt]
+        pos_box_logits = box_logits[pos_img, pos_anchor]
+        pos_pred_boxes = distances_to_boxes(pos_centers, self.decode_distances(pos_box_logits))
+        pos_ious = aligned_iou(pos_pred_boxes.detach(), pos_targets)
+        target_distances = boxes_to_distances(pos_centers, pos_targets)
+
+        # Classification: QFL on the joint class-IoU target, or Focal Loss on one-hot labels.
+        cls_targets = torch.zeros_like(logits, dtype=torch.float32)
+        if self.cls_loss == "QFL":
+            cls_targets[pos_img, pos_anchor, pos_classes] = pos_ious
+            loss_cls = quality_focal_loss(logits, cls_targets, self.qfl_beta).sum()
+        else:
+            cls_targets[pos_img, pos_anchor, pos_classes] = 1.0
+            loss_cls = sigmoid_focal_loss(
+                logits.float(),
+                cls_targets,
+                alpha=self.focal_loss_alpha,
+                gamma=self.focal_loss_gamma,
+                reduction="sum",
+            )
+        losses = {"loss_cls": loss_cls / num_pos}
+
+        # Box: per-positive weights, normalised by their sum.
+        if self.quality == "joint":
+            weights = logits[pos_img, pos_anchor].detach().float().sigmoid().amax(dim=1)
+        elif self.quality == "centerness":
+            weights = centerness_targets(target_distances)
+        else:
+            weights = torch.ones_like(pos_ious)
+        weight_sum = all_reduce_mean(weights.sum()).clamp(min=1.0)
+        losses["loss_box"] = (giou_loss(pos_pred_boxes, pos_targets) * weights).sum() / weight_sum
+        if self.use_dfl:
+            dfl = distribution_focal_loss(
+                pos_box_logits.reshape(-1, self.reg_max + 1),
+                target_distances.clamp(min=0, max=self.reg_max - 0.1).reshape(-1),
+            )
+            losses["loss_dfl"] = (dfl.view(-1, 4).mean(dim=1) * weights).sum() / weight_sum
+
+        # Separate quality branch (ablations): BCE to the centerness target or to the IoU.
+        if quality is not None:
+            target = centerness_targets(target_distances) if self.quality == "centerness" else pos_ious
+            losses["loss_quality"] = (
+                F.binary_cross_entropy_with_logits(
+                    quality[pos_img, pos_anchor].float(), target, reduction="sum"
+                )
+                / num_pos
+            )
+        return {k: v * self.loss_weights[k] for k, v in losses.items()}
+
+    # ------------------------------------------------------------------------------------------
+    # Inference
+    # ------------------------------------------------------------------------------------------
+    def forward_inference(
+        self,
+        images: ImageList,
+        features: List[Tensor],
+        predictions: Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]],
+    ) -> List[Instances]:
+        logits, box_logits, quality = self._flatten_predictions(predictions)
+        anchors = self.anchor_generator(features)
+        results: List[Instances] = []
+        for img_idx, image_size in enumerate(images.image_sizes):
+            scores = [x[img_idx].sigmoid() for x in logits]
+            if quality is not None:
+                scores = [s * q[img_idx, :, None].sigmoid() for s, q in zip(scores, quality)]
+            results.append(
+                self.inference_single_image(
+                    anchors, scores, [x[img_idx] for x in box_logits], image_size
+                )
+            )
+        return results
+
+    def inference_single_image(
+        self,
+        anchors: List[Boxes],
+        scores: List[Tensor],
+        box_logits: List[Tensor],
+        image_size: Tuple[int, int],
+    ) -> Instances:
+        """Per level: keep scores above the threshold, the top-k of them, decode only those boxes;
+        then clip to the image, class-wise NMS and keep the best ``max_detections_per_image``.
+
+        Args:
+            anchors: per-level (Ri, 4) anchors; scores: per-level (Ri, C) final scores;
+            box_logits: per-level (Ri, box_dim).
+        """
+        all_boxes, all_scores, all_classes = [], [], []
+        for anchors_i, scores_i, box_logits_i, stride in zip(anchors, scores, box_logits, self.strides):
+            keep = scores_i > self.test_score_thresh
+            candidate_scores = scores_i[keep]
+            candidate_idxs = torch.nonzero(keep)
+            num_topk = min(self.test_topk_candidates, candidate_idxs.shape[0])
+            candidate_scores, order = candidate_scores.sort(descending=True)
+            candidate_idxs = candidate_idxs[order[:num_topk]]
+            anchor_idxs, class_idxs = candidate_idxs.unbind(dim=1)
+            centers = anchors_i.get_centers()[anchor_idxs]
+            distances = self.decode_distances(box_logits_i[anchor_idxs]) * stride
+            all_boxes.append(distances_to_boxes(centers, distances))
+            all_scores.append(candidate_scores[:num_topk])
+            all_classes.append(class_idxs)
+        boxes = Boxes(cat(all_boxes))
+        boxes.clip(image_size)
+        scores_all = cat(all_scores)
+        classes = cat(all_classes)
+        keep = batched_nms(boxes.tensor, scores_all, classes, self.test_nms_thresh)
+        keep = keep[: self.max_detections_per_image]
+        result = Instances(image_size)
+        result.pred_boxes = boxes[keep]
+        result.scores = scores_all[keep]
+        result.pred_classes = classes[keep]
+        return result
+
+
+def check_gfl_config(cfg) -> None:
+    """Refuse invalid ``MODEL.GFL`` values at build time, naming the key and what is allowed."""
+    gfl = cfg.MODEL.GFL
+    choices = {
+        "CLS_LOSS": CLS_LOSSES,
+        "QUALITY": QUALITY_BRANCHES,
+        "BOX_REPRESENTATION": BOX_REPRESENTATIONS,
+    }
+    for key, allowed in choices.items():
+        if gfl[key] not in allowed:
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]!r} is not one of {list(allowed)}")
+    if (gfl.CLS_LOSS == "QFL") != (gfl.QUALITY == "joint"):
+        raise ValueError(
+            f"MODEL.GFL.CLS_LOSS={gfl.CLS_LOSS!r} with MODEL.GFL.QUALITY={gfl.QUALITY!r}: the joint "
+            "quality representation is trained by QFL and QFL needs it; use CLS_LOSS 'QFL' with "
+            "QUALITY 'joint', or CLS_LOSS 'FL' with QUALITY 'centerness', 'iou' or 'none'"
+        )
+    positive_ints = ("NUM_CLASSES", "REG_MAX", "TOPK", "NUM_CONVS", "TOPK_CANDIDATES_TEST")
+    for key in positive_ints:
+        if int(gfl[key]) < 1 and not (key == "NUM_CONVS" and gfl[key] == 0):
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be an integer >= 1")
+    for key in ("LOSS_CLS_WEIGHT", "LOSS_BOX_WEIGHT", "LOSS_DFL_WEIGHT", "LOSS_QUALITY_WEIGHT"):
+        if gfl[key] < 0:
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be >= 0")
+    if gfl.QFL_BETA < 0:
+        raise ValueError(f"MODEL.GFL.QFL_BETA={gfl.QFL_BETA} must be >= 0")
+    for key in ("PRIOR_PROB", "SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
+        if not 0.0 <= gfl[key] <= 1.0:
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be in [0, 1]")
+    if gfl.ANCHOR_SCALE <= 0:
+        raise ValueError(f"MODEL.GFL.ANCHOR_SCALE={gfl.ANCHOR_SCALE} must be > 0")

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up everything the project needs, idempotently: a virtual environment in .venv (ignored by
+# git) with the versions pinned in requirements.txt, detectron2 (0.6 from PyPI's pb1-detectron2
+# sdist, patched by tools/install_detectron2.py, unless detectron2 is already importable) and this
+# package installed in editable mode.
+#
+#   GFOCAL_PYTHON=/path/to/python  use that interpreter's environment instead of creating .venv
+#                                  (e.g. one where detectron2 was built from source); torch,
+#                                  torchvision and detectron2 already there are kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ -n "${GFOCAL_PYTHON:-}" ]; then
+  PY="$GFOCAL_PYTHON"
+else
+  if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+  fi
+  PY=.venv/bin/python
+fi
+
+stamp_dir="$("$PY" -c 'import sys; print(sys.prefix)')"
+stamp="$stamp_dir/.gfocal-requirements.sha256"
+want="$(sha256sum requirements.txt tools/install_detectron2.py setup.cfg | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import gfocal, detectron2" 2>/dev/null; then
+  echo "[setup] environment is up to date ($PY)"
+  exit 0
+fi
+
+reqs=requirements.txt
+if "$PY" -c "import torch, torchvision, detectron2" 2>/dev/null && [ -n "${GFOCAL_PYTHON:-}" ]; then
+  # Keep the user's own torch/torchvision (detectron2 was built against them).
+  reqs="$(mktemp)"
+  grep -vE '^(torch|torchvision)==' requirements.txt > "$reqs"
+fi
+echo "[setup] installing pinned requirements into $PY"
+"$PY" -m pip install -q --upgrade pip
+"$PY" -m pip install -q -r "$reqs"
+
+if "$PY" -c "import detectron2" 2>/dev/null; then
+  echo "[setup] using the installed detectron2 $("$PY" -c 'import detectron2; print(detectron2.__version__)')"
+else
+  echo "[setup] installing detectron2 0.6 without its C++ ops"
+  "$PY" tools/install_detectron2.py
+fi
+
+"$PY" -m pip install -q --no-deps --no-build-isolation -e .
+"$PY" -c "import gfocal, detectron2; print('[setup] gfocal ready with detectron2', detectron2.__version__)"
+echo "$want" > "$stamp"

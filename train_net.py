@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Train and evaluate GFL with detectron2's DefaultTrainer and COCOEvaluator.
+
+    python train_net.py --config-file configs/gfl_R_50_FPN_1x.yaml --num-gpus 8
+    python train_net.py --config-file configs/gfl_R_50_FPN_1x.yaml --eval-only MODEL.WEIGHTS model.pth
+
+Flags and trailing ``KEY VALUE`` overrides are detectron2's (``default_argument_parser``).
+"""
+import logging
+import os
+
+import detectron2.utils.comm as comm
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.evaluation import COCOEvaluator, verify_results
+
+import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
+from gfocal import add_gfl_config
+from gfocal.utils import has_detectron2_ops
+
+
+class Trainer(DefaultTrainer):
+    """DefaultTrainer with COCO box evaluation (the fast C++ evaluation only where detectron2's
+    compiled ops exist)."""
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(
+            dataset_name,
+            tasks=("bbox",),
+            distributed=True,
+            output_dir=output_folder,
+            use_fast_impl=has_detectron2_ops(),
+        )
+
+
+def setup(args):
+    cfg = get_cfg()
+    add_gfl_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    default_setup(cfg, args)
+    return cfg
+
+
+def main(args):
+    cfg = setup(args)
+    if args.eval_only:
+        model = Trainer.build_model(cfg)
+        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+            cfg.MODEL.WEIGHTS, resume=args.resume
+        )
+        res = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+
+    trainer = Trainer(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    logging.getLogger(__name__).info("Command Line Args: %s", args)
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
