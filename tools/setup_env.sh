@@ -27,15 +27,19 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import gfocal
   exit 0
 fi
 
-reqs=requirements.txt
+# Lines of requirements.txt marked "# --no-deps" are installed without their dependencies.
+reqs="$(mktemp)"
+nodeps="$(mktemp)"
+grep -v -- '# --no-deps' requirements.txt > "$reqs"
+grep -- '# --no-deps' requirements.txt | sed 's/#.*//' > "$nodeps"
 if "$PY" -c "import torch, torchvision, detectron2" 2>/dev/null && [ -n "${GFOCAL_PYTHON:-}" ]; then
   # Keep the user's own torch/torchvision (detectron2 was built against them).
-  reqs="$(mktemp)"
-  grep -vE '^(torch|torchvision)==' requirements.txt > "$reqs"
+  grep -vE '^(torch|torchvision)==' "$reqs" > "$reqs.keep" && mv "$reqs.keep" "$reqs"
 fi
 echo "[setup] installing pinned requirements into $PY"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -m pip install -q -r "$reqs"
+"$PY" -m pip install -q --no-deps -r "$nodeps"
 
 if "$PY" -c "import detectron2" 2>/dev/null; then
   echo "[setup] using the installed detectron2 $("$PY" -c 'import detectron2; print(detectron2.__version__)')"

@@ -59,3 +59,36 @@ def add_gfl_config(cfg: CN) -> None:
     # RetinaNet's choice) and applies no ReLU between P6 and P7 (detectron2's RetinaNet does).
     _C.MODEL.FPN.TOP_BLOCK_IN_FEATURE = "p5"
     _C.MODEL.FPN.TOP_BLOCK_RELU = False
+
+
+def check_gfl_config(cfg) -> None:
+    """Refuse invalid ``MODEL.GFL`` values at build time, naming the key and what is allowed."""
+    gfl = cfg.MODEL.GFL
+    choices = {
+        "CLS_LOSS": CLS_LOSSES,
+        "QUALITY": QUALITY_BRANCHES,
+        "BOX_REPRESENTATION": BOX_REPRESENTATIONS,
+    }
+    for key, allowed in choices.items():
+        if gfl[key] not in allowed:
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]!r} is not one of {list(allowed)}")
+    if (gfl.CLS_LOSS == "QFL") != (gfl.QUALITY == "joint"):
+        raise ValueError(
+            f"MODEL.GFL.CLS_LOSS={gfl.CLS_LOSS!r} with MODEL.GFL.QUALITY={gfl.QUALITY!r}: the joint "
+            "quality representation is trained by QFL and QFL needs it; use CLS_LOSS 'QFL' with "
+            "QUALITY 'joint', or CLS_LOSS 'FL' with QUALITY 'centerness', 'iou' or 'none'"
+        )
+    positive_ints = ("NUM_CLASSES", "REG_MAX", "TOPK", "NUM_CONVS", "TOPK_CANDIDATES_TEST")
+    for key in positive_ints:
+        if int(gfl[key]) < 1 and not (key == "NUM_CONVS" and gfl[key] == 0):
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be an integer >= 1")
+    for key in ("LOSS_CLS_WEIGHT", "LOSS_BOX_WEIGHT", "LOSS_DFL_WEIGHT", "LOSS_QUALITY_WEIGHT"):
+        if gfl[key] < 0:
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be >= 0")
+    if gfl.QFL_BETA < 0:
+        raise ValueError(f"MODEL.GFL.QFL_BETA={gfl.QFL_BETA} must be >= 0")
+    for key in ("PRIOR_PROB", "SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
+        if not 0.0 <= gfl[key] <= 1.0:
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be in [0, 1]")
+    if gfl.ANCHOR_SCALE <= 0:
+        raise ValueError(f"MODEL.GFL.ANCHOR_SCALE={gfl.ANCHOR_SCALE} must be > 0")

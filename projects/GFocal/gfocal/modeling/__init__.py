@@ -1,6 +1,6 @@
 from .atss import atss_assign
 from .backbone import LastLevelP6P7, build_gfl_resnet_fpn_backbone
-from .gfl import GFL, check_gfl_config
+from .gfl import GFL
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss

@@ -15,7 +15,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from ..config import BOX_REPRESENTATIONS, CLS_LOSSES, QUALITY_BRANCHES
+from ..config import check_gfl_config
 from .atss import atss_assign, pad_gt_boxes
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
@@ -349,35 +349,3 @@ class GFL(DenseDetector):
         result.pred_classes = classes[keep]
         return result
 
-
-def check_gfl_config(cfg) -> None:
-    """Refuse invalid ``MODEL.GFL`` values at build time, naming the key and what is allowed."""
-    gfl = cfg.MODEL.GFL
-    choices = {
-        "CLS_LOSS": CLS_LOSSES,
-        "QUALITY": QUALITY_BRANCHES,
-        "BOX_REPRESENTATION": BOX_REPRESENTATIONS,
-    }
-    for key, allowed in choices.items():
-        if gfl[key] not in allowed:
-            raise ValueError(f"MODEL.GFL.{key}={gfl[key]!r} is not one of {list(allowed)}")
-    if (gfl.CLS_LOSS == "QFL") != (gfl.QUALITY == "joint"):
-        raise ValueError(
-            f"MODEL.GFL.CLS_LOSS={gfl.CLS_LOSS!r} with MODEL.GFL.QUALITY={gfl.QUALITY!r}: the joint "
-            "quality representation is trained by QFL and QFL needs it; use CLS_LOSS 'QFL' with "
-            "QUALITY 'joint', or CLS_LOSS 'FL' with QUALITY 'centerness', 'iou' or 'none'"
-        )
-    positive_ints = ("NUM_CLASSES", "REG_MAX", "TOPK", "NUM_CONVS", "TOPK_CANDIDATES_TEST")
-    for key in positive_ints:
-        if int(gfl[key]) < 1 and not (key == "NUM_CONVS" and gfl[key] == 0):
-            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be an integer >= 1")
-    for key in ("LOSS_CLS_WEIGHT", "LOSS_BOX_WEIGHT", "LOSS_DFL_WEIGHT", "LOSS_QUALITY_WEIGHT"):
-        if gfl[key] < 0:
-            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be >= 0")
-    if gfl.QFL_BETA < 0:
-        raise ValueError(f"MODEL.GFL.QFL_BETA={gfl.QFL_BETA} must be >= 0")
-    for key in ("PRIOR_PROB", "SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
-        if not 0.0 <= gfl[key] <= 1.0:
-            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be in [0, 1]")
-    if gfl.ANCHOR_SCALE <= 0:
-        raise ValueError(f"MODEL.GFL.ANCHOR_SCALE={gfl.ANCHOR_SCALE} must be > 0")
