@@ -1,0 +1,1 @@
+"""Datasets and data checks of the GFL project."""
