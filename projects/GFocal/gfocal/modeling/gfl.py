@@ -19,6 +19,7 @@ from ..config import check_gfl_config, check_size_divisibility
 from .atss import atss_assign, pad_gt_boxes
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
+from .uncertainty import distribution_uncertainty, edge_distributions
 from .losses import (
     aligned_iou,
     all_reduce_mean,
@@ -66,6 +67,8 @@ class GFL(DenseDetector):
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.6,
         max_detections_per_image: int = 100,
+        min_box_size_test: float = -1.0,
+        output_distributions: bool = False,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
         input_format: str = "BGR",
@@ -93,6 +96,8 @@ class GFL(DenseDetector):
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
         self.max_detections_per_image = max_detections_per_image
+        self.min_box_size_test = min_box_size_test
+        self.output_distributions = output_distributions and box_representation == "distribution"
         self.input_format = input_format
 
         shapes = backbone.output_shape()
@@ -145,6 +150,8 @@ class GFL(DenseDetector):
             "test_topk_candidates": gfl.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": gfl.NMS_THRESH_TEST,
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "min_box_size_test": gfl.MIN_BOX_SIZE_TEST,
+            "output_distributions": gfl.OUTPUT_DISTRIBUTIONS,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
@@ -242,6 +249,8 @@ class GFL(DenseDetector):
         pos_box_logits = box_logits[pos_img, pos_anchor]
         pos_pred_boxes = distances_to_boxes(pos_centers, self.decode_distances(pos_box_logits))
         pos_ious = aligned_iou(pos_pred_boxes.detach(), pos_targets)
+        if pos_ious.numel() > 0:
+            get_event_storage().put_scalar("pos_iou", pos_ious.mean().item())
         target_distances = boxes_to_distances(pos_centers, pos_targets)
 
         # Classification: QFL on the joint class-IoU target, or Focal Loss on one-hot labels.
@@ -324,7 +333,7 @@ class GFL(DenseDetector):
             anchors: per-level (Ri, 4) anchors; scores: per-level (Ri, C) final scores;
             box_logits: per-level (Ri, box_dim).
         """
-        all_boxes, all_scores, all_classes = [], [], []
+        all_boxes, all_scores, all_classes, all_box_logits = [], [], [], []
         for anchors_i, scores_i, box_logits_i, stride in zip(anchors, scores, box_logits, self.strides):
             keep = scores_i > self.test_score_thresh
             candidate_scores = scores_i[keep]
@@ -338,15 +347,28 @@ class GFL(DenseDetector):
             all_boxes.append(distances_to_boxes(centers, distances))
             all_scores.append(candidate_scores[:num_topk])
             all_classes.append(class_idxs)
+            if self.output_distributions:
+                all_box_logits.append(box_logits_i[anchor_idxs])
         boxes = Boxes(cat(all_boxes))
         boxes.clip(image_size)
         scores_all = cat(all_scores)
         classes = cat(all_classes)
-        keep = batched_nms(boxes.tensor, scores_all, classes, self.test_nms_thresh)
+        if self.min_box_size_test >= 0:  # as mmdetection's min_bbox_size: drop thin boxes
+            valid = torch.nonzero(boxes.nonempty(self.min_box_size_test)).squeeze(1)
+            keep = batched_nms(
+                boxes.tensor[valid], scores_all[valid], classes[valid], self.test_nms_thresh
+            )
+            keep = valid[keep]
+        else:
+            keep = batched_nms(boxes.tensor, scores_all, classes, self.test_nms_thresh)
         keep = keep[: self.max_detections_per_image]
         result = Instances(image_size)
         result.pred_boxes = boxes[keep]
         result.scores = scores_all[keep]
         result.pred_classes = classes[keep]
+        if self.output_distributions:
+            distributions = edge_distributions(cat(all_box_logits)[keep], self.reg_max)
+            result.pred_distributions = distributions
+            result.pred_uncertainty = distribution_uncertainty(distributions)
         return result
 
