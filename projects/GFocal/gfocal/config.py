@@ -61,6 +61,9 @@ def add_gfl_config(cfg: CN) -> None:
     # REG_MAX + 1) probabilities, sides l, t, r, b) and "pred_uncertainty" (N,): the mean over the
     # four sides of the normalised entropy, in [0, 1] (0: one bin; 1: uniform). Off by default.
     _C.MODEL.GFL.OUTPUT_DISTRIBUTIONS = False
+    # Before NMS, drop boxes whose width or height is <= this (after clipping to the image), as
+    # mmdetection's test_cfg min_bbox_size; -1 keeps every box (detectron2's RetinaNet behaviour).
+    _C.MODEL.GFL.MIN_BOX_SIZE_TEST = -1.0
 
     # Loading a checkpoint whose head differs (classes, REG_MAX, tower layout): "error" refuses
     # it; "reinit" keeps the init of the head tensors it cannot fill (fine-tuning on new classes).
@@ -108,6 +111,11 @@ def check_gfl_config(cfg) -> None:
         raise ValueError(
             f"MODEL.GFL.CHECKPOINT_HEAD_MISMATCH={gfl.CHECKPOINT_HEAD_MISMATCH!r} is not one of "
             f"{list(HEAD_MISMATCH_POLICIES)}"
+        )
+    if gfl.OUTPUT_DISTRIBUTIONS and gfl.BOX_REPRESENTATION != "distribution":
+        raise ValueError(
+            "MODEL.GFL.OUTPUT_DISTRIBUTIONS=True needs MODEL.GFL.BOX_REPRESENTATION='distribution' "
+            f"(got {gfl.BOX_REPRESENTATION!r}: a Dirac box has no distribution)"
         )
     conv_dim = gfl.CONV_DIM or cfg.MODEL.FPN.OUT_CHANNELS
     if gfl.NORM == "GN" and gfl.NUM_CONVS > 0 and conv_dim % 32 != 0:

@@ -57,7 +57,7 @@ def fpn_with_p6p7(cfg, bottom_up) -> FPN:
                 f"{sorted(shapes)}; use a FPN output such as 'p5' or one of those."
             )
         in_channels = shapes[in_feature].channels
-    return FPN(
+    fpn = FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=out_channels,
@@ -65,3 +65,10 @@ def fpn_with_p6p7(cfg, bottom_up) -> FPN:
         top_block=LastLevelP6P7(in_channels, out_channels, in_feature, cfg.MODEL.FPN.TOP_BLOCK_RELU),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+    size_divisibility = cfg.MODEL.FPN.SIZE_DIVISIBILITY
+    if size_divisibility < 0:
+        raise ValueError(f"MODEL.FPN.SIZE_DIVISIBILITY={size_divisibility} must be >= 0")
+    if size_divisibility:
+        # The attribute behind FPN.size_divisibility (and padding_constraints upstream).
+        fpn._size_divisibility = size_divisibility
+    return fpn
