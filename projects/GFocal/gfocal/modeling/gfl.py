@@ -326,7 +326,7 @@ class GFL(DenseDetector):
         box_logits: List[Tensor],
         image_size: Tuple[int, int],
     ) -> Instances:
-        """Per level: keep scores above the threshold, the top-k of them, decode only those boxes;
+        """Per level: the top-k scores that pass the threshold, decoding only their boxes;
         then clip to the image, class-wise NMS and keep the best ``max_detections_per_image``.
 
         Args:
@@ -335,17 +335,18 @@ class GFL(DenseDetector):
         """
         all_boxes, all_scores, all_classes, all_box_logits = [], [], [], []
         for anchors_i, scores_i, box_logits_i, stride in zip(anchors, scores, box_logits, self.strides):
-            keep = scores_i > self.test_score_thresh
-            candidate_scores = scores_i[keep]
-            candidate_idxs = torch.nonzero(keep)
-            num_topk = min(self.test_topk_candidates, candidate_idxs.shape[0])
-            candidate_scores, order = candidate_scores.sort(descending=True)
-            candidate_idxs = candidate_idxs[order[:num_topk]]
-            anchor_idxs, class_idxs = candidate_idxs.unbind(dim=1)
+            # Top-k of all (anchor, class) scores, then the threshold: the same candidates as
+            # thresholding first and sorting, without a nonzero and a sort over every score.
+            num_topk = min(self.test_topk_candidates, scores_i.numel())
+            candidate_scores, flat_idxs = scores_i.flatten().topk(num_topk)
+            keep = candidate_scores > self.test_score_thresh
+            candidate_scores, flat_idxs = candidate_scores[keep], flat_idxs[keep]
+            anchor_idxs = torch.div(flat_idxs, scores_i.shape[1], rounding_mode="floor")
+            class_idxs = flat_idxs % scores_i.shape[1]
             centers = anchors_i.get_centers()[anchor_idxs]
             distances = self.decode_distances(box_logits_i[anchor_idxs]) * stride
             all_boxes.append(distances_to_boxes(centers, distances))
-            all_scores.append(candidate_scores[:num_topk])
+            all_scores.append(candidate_scores)
             all_classes.append(class_idxs)
             if self.output_distributions:
                 all_box_logits.append(box_logits_i[anchor_idxs])
