@@ -38,6 +38,18 @@ class Trainer(DefaultTrainer):
         )
         return super().build_hooks()
 
+    def state_dict(self):
+        # detectron2 0.6 saves only the iteration and the hooks: the optimizer state (momentum,
+        # learning rates) is lost on resume. Upstream detectron2 saves it under the same key.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if "load_state_dict" not in DefaultTrainer.__dict__ and "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+
     @classmethod
     def build_train_loader(cls, cfg):
         return build_detection_train_loader(cfg, dataset=load_train_dataset_dicts(cfg))
