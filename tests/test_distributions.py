@@ -128,7 +128,19 @@ def test_demo_and_plot_commands(tools, tmp_path):
     assert demo.main(common + ["--input", str(tmp_path), "--output", str(out_dir) + os.sep] + SMALL) == 0
     drawn = cv2.imread(str(out_dir / "in.png"))
     assert drawn is not None and drawn.shape == image.shape
+
+    # An mmdetection checkpoint straight into the demo: converted once, then loaded.
+    from test_conversion import mmdet_gfl_state_dict
+
+    mmdet_file = tmp_path / "gfl_mmdet.pth"
+    torch.save({"state_dict": mmdet_gfl_state_dict(depth=18, fpn_channels=64, stacked_convs=1,
+                                                   make=torch.zeros)}, mmdet_file)
+    converted_dir = tmp_path / "converted"
+    args = common + ["--mmdet-weights", str(mmdet_file), "--converted-dir", str(converted_dir),
+                     "--input", str(src), "--output", str(tmp_path / "mm.png")] + SMALL
+    assert demo.main(args) == 0
+    assert (converted_dir / "gfl_mmdet_d2.pth").is_file() and (tmp_path / "mm.png").is_file()
     png = tmp_path / "dists.png"
-    assert plot_distributions.main(common + ["--input", str(src), "--output", str(png), "--top-k", "2", "--dpi", "40"]
-                                   + SMALL) == 0
+    plot_args = ["--input", str(src), "--output", str(png), "--top-k", "2", "--dpi", "40"]
+    assert plot_distributions.main(common + plot_args + SMALL) == 0
     assert png.read_bytes()[:4] == b"\x89PNG"

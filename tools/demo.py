@@ -3,7 +3,7 @@
 
     python tools/demo.py --zoo mmdet/gfl_R_50_FPN_1x --input photos/ --output output/demo/
     python tools/demo.py --config-file configs/mmdet/gfl_R_50_FPN_1x.yaml \\
-        --weights output/converted/gfl_R_50_FPN_1x.pth --video-input clip.mp4 --output out.mp4
+        --mmdet-weights gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth --input photo.jpg --output out/
 """
 import argparse
 import glob
@@ -24,6 +24,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import gfocal
 from gfocal import model_zoo
+from gfocal.conversion import ConversionError, convert_mmdet_gfl_checkpoint
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW_NAME = "GFL detections"
@@ -35,6 +36,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--config-file", help="a GFL config (e.g. configs/mmdet/gfl_R_50_FPN_1x.yaml)")
     source.add_argument("--zoo", help=f"a gfocal.model_zoo name: {model_zoo.list_models()}")
     parser.add_argument("--weights", help="checkpoint to load (sets MODEL.WEIGHTS)")
+    parser.add_argument("--mmdet-weights", help="an mmdetection GFL checkpoint: converted (once, "
+                        "into --converted-dir) for the config, then loaded")
+    parser.add_argument("--converted-dir", default="output/converted",
+                        help="where --mmdet-weights conversions are kept")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read --mmdet-weights with pickled objects (trusted files only)")
     parser.add_argument("--cache-dir", help="model zoo cache (default $GFOCAL_CACHE or ~/.cache/gfocal)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5,
                         help="minimum score of a drawn detection (sets MODEL.GFL.SCORE_THRESH_TEST)")
@@ -50,8 +57,12 @@ def setup_cfg(args: argparse.Namespace, extra_opts: List[str] = ()) -> CfgNode:
         gfocal.add_gfl_config(cfg)
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(list(args.opts) + list(extra_opts))
+    if args.weights and args.mmdet_weights:
+        raise SystemExit("error: give --weights or --mmdet-weights, not both")
     if args.weights:
         cfg.MODEL.WEIGHTS = args.weights
+    if args.mmdet_weights:
+        cfg.MODEL.WEIGHTS = _convert_once(cfg, args)
     if not 0.0 <= args.confidence_threshold <= 1.0:
         raise SystemExit(f"error: --confidence-threshold {args.confidence_threshold} must be in [0, 1]")
     cfg.MODEL.GFL.SCORE_THRESH_TEST = args.confidence_threshold
@@ -62,6 +73,22 @@ def setup_cfg(args: argparse.Namespace, extra_opts: List[str] = ()) -> CfgNode:
               file=sys.stderr)
     cfg.freeze()
     return cfg
+
+
+def _convert_once(cfg: CfgNode, args: argparse.Namespace) -> str:
+    """Convert ``--mmdet-weights`` for ``cfg`` unless an up-to-date conversion exists."""
+    src = args.mmdet_weights
+    if not os.path.isfile(src):
+        raise SystemExit(f"error: --mmdet-weights {src}: no such file")
+    dst = os.path.join(args.converted_dir, os.path.splitext(os.path.basename(src))[0] + "_d2.pth")
+    if not os.path.isfile(dst) or os.path.getmtime(dst) < os.path.getmtime(src):
+        os.makedirs(args.converted_dir, exist_ok=True)
+        try:
+            convert_mmdet_gfl_checkpoint(src, dst, cfg, args.allow_pickle)
+        except ConversionError as e:
+            raise SystemExit(f"error: --mmdet-weights {src}: {e}")
+        print(f"converted {src} -> {dst}", file=sys.stderr)
+    return dst
 
 
 def _expand_inputs(inputs: List[str]) -> List[str]:
