@@ -18,6 +18,7 @@ from detectron2.evaluation import COCOEvaluator, verify_results
 
 import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
 from gfocal import add_gfl_config
+from gfocal.amp import cpu_amp_trainer
 from gfocal.checkpoint import GFLCheckpointer
 from gfocal.data.annotations import check_num_classes, load_train_dataset_dicts
 from gfocal.utils import has_detectron2_ops
@@ -27,6 +28,11 @@ class Trainer(DefaultTrainer):
     """DefaultTrainer with COCO box evaluation (the fast C++ evaluation only where detectron2's
     compiled ops exist), checked and cleaned training annotations (gfocal/data/annotations.py)
     and :class:`GFLCheckpointer` (atomic saves, head mismatch errors)."""
+
+    def __init__(self, cfg):
+        # SOLVER.AMP.ENABLED on CPU: bfloat16 autocast (detectron2's AMPTrainer needs CUDA).
+        with cpu_amp_trainer(cfg):
+            super().__init__(cfg)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ makes a plain DetectionCheckpointer just before this call.

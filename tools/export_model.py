@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Export a GFL model to TorchScript or ONNX by tracing, as detectron2's tools/deploy/export_model.py.
+
+    python tools/export_model.py --config-file configs/gfl_R_50_FPN_1x.yaml --format torchscript \\
+        --output output/export MODEL.WEIGHTS model_final.pth
+    python tools/export_model.py --config-file configs/gfl_R_50_FPN_1x.yaml --format onnx \\
+        --sample-image input.jpg --output output/export MODEL.WEIGHTS model_final.pth
+
+The whole model is traced: input normalisation, backbone, head, the integral, per-level top-k,
+box decoding, class-wise NMS (``torchvision::nms``; ONNX ``NonMaxSuppression``) and the final
+top detections. The exported model takes one (3, H, W) float image in the config's
+``INPUT.FORMAT`` (0-255, already resized as ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` would) and
+returns ``boxes (K, 4), classes (K,), scores (K,)``. Height and width may differ from the sample's.
+After export, the exported model is run on the sample image and its detections are compared with
+eager PyTorch's (``--atol``); the command fails if they differ more.
+"""
+import argparse
+import logging
+import os
+import sys
+
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import detection_utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.logger import setup_logger
+
+import gfocal  # noqa: F401  (registers GFL)
+from gfocal import add_gfl_config
+from gfocal.export import compare_detections, export_onnx, export_torchscript
+
+logger = logging.getLogger("gfocal.export")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, metavar="FILE")
+    p.add_argument("--format", choices=["torchscript", "onnx"], required=True)
+    p.add_argument("--export-method", choices=["tracing"], default="tracing",
+                   help="tracing (the model's Instances outputs are flattened by TracingAdapter)")
+    p.add_argument("--output", default="output/export", help="output folder")
+    p.add_argument("--sample-image", default="", help="image to trace with (default: random, --height x --width)")
+    p.add_argument("--height", type=int, default=800, help="random sample image height")
+    p.add_argument("--width", type=int, default=1333, help="random sample image width")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--static-size", action="store_true", help="ONNX: fix the input height and width")
+    p.add_argument("--atol", type=float, default=1e-3, help="max |box| and |score| difference allowed vs eager")
+    p.add_argument("--no-check", action="store_true", help="skip running the exported model")
+    p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
+    return p.parse_args(argv)
+
+
+def setup_cfg(args):
+    cfg = get_cfg()
+    add_gfl_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    return cfg
+
+
+def sample_image(cfg, args) -> torch.Tensor:
+    """The sample image as the exported model expects it: (3, H, W) float, resized for testing."""
+    if not args.sample_image:
+        g = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (3, args.height, args.width), generator=g).float()
+    if not os.path.isfile(args.sample_image):
+        raise SystemExit(f"--sample-image {args.sample_image}: no such file")
+    image = detection_utils.read_image(args.sample_image, format=cfg.INPUT.FORMAT)
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    image = resize.get_transform(image).apply_image(image)
+    return torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
+
+
+def run_exported(fmt: str, path: str, image: torch.Tensor):
+    if fmt == "torchscript":
+        with torch.no_grad():
+            return torch.jit.load(path)(image)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(None, {"image": image.numpy()})
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    setup_logger(name="gfocal")
+    cfg = setup_cfg(args)
+    if cfg.MODEL.DEVICE != "cpu":
+        logger.info("exporting on %s", cfg.MODEL.DEVICE)
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    model.eval()
+    image = sample_image(cfg, args).to(model.device)
+
+    name = "model.ts" if args.format == "torchscript" else "model.onnx"
+    path = os.path.join(args.output, name)
+    if args.format == "torchscript":
+        export_torchscript(model, image, path)
+    else:
+        export_onnx(model, image, path, opset=args.opset, dynamic_size=not args.static_size)
+    logger.info("exported %s", path)
+    if args.no_check:
+        return {"path": path}
+
+    with torch.no_grad():
+        instances = model([{"image": image}])[0]["instances"]
+    eager = (instances.pred_boxes.tensor, instances.pred_classes, instances.scores)
+    diff = compare_detections(eager, run_exported(args.format, path, image.cpu()))
+    logger.info("exported vs eager on the sample image: %s", diff)
+    if max(diff["boxes"], diff["scores"]) > args.atol:
+        raise SystemExit(f"exported model differs from eager by {diff} > --atol {args.atol}")
+    return {"path": path, **diff}
+
+
+if __name__ == "__main__":
+    main()
