@@ -337,7 +337,11 @@ class GFL(DenseDetector):
         for anchors_i, scores_i, box_logits_i, stride in zip(anchors, scores, box_logits, self.strides):
             # Top-k of all (anchor, class) scores, then the threshold: the same candidates as
             # thresholding first and sorting, without a nonzero and a sort over every score.
-            num_topk = min(self.test_topk_candidates, scores_i.numel())
+            num_scores = scores_i.shape[0] * scores_i.shape[1]
+            if isinstance(num_scores, Tensor):  # a tensor while tracing: keep k dynamic
+                num_topk = torch.clamp(num_scores, max=self.test_topk_candidates)
+            else:
+                num_topk = min(self.test_topk_candidates, num_scores)
             candidate_scores, flat_idxs = scores_i.flatten().topk(num_topk)
             keep = candidate_scores > self.test_score_thresh
             candidate_scores, flat_idxs = candidate_scores[keep], flat_idxs[keep]
