@@ -1,1 +1,4 @@
 """Datasets and data checks of the GFL project."""
+from .tree_crowns import build_tree_crowns, register_tree_crowns
+
+register_tree_crowns()  # lazy: the tiles are built on the first DatasetCatalog.get

@@ -1,5 +1,10 @@
 from .atss import atss_assign
 from .backbone import LastLevelP6P7, build_gfl_resnet_fpn_backbone
+from .efficientnet_lite import (
+    EfficientNetLite,
+    build_efficientnet_lite0_backbone,
+    build_efficientnet_lite0_fpn_backbone,
+)
 from .gfl import GFL
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
