@@ -114,7 +114,7 @@ def test_truncated_pth_is_a_clear_error(saved, tmp_path, keep):
     with open(cut, "wb") as f:
         f.write(data[: int(len(data) * keep)])
     with pytest.raises(CheckpointReadError) as err:
-        GFLCheckpointer(_model(), str(tmp_path)).load(cut)
+        GFLCheckpointer(saved[0], str(tmp_path)).load(cut)
     message = str(err.value)
     assert cut in message and ("truncated" in message or "empty" in message)
 
@@ -129,7 +129,7 @@ def test_truncated_pkl_is_a_clear_error(saved, tmp_path):
     with open(cut, "wb") as f:
         f.write(blob[: len(blob) // 2])
     with pytest.raises(CheckpointReadError, match="truncated"):
-        GFLCheckpointer(_model()).load(cut)
+        GFLCheckpointer(source).load(cut)
 
 
 # --------------------------------------------------------------------------------------------

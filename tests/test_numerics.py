@@ -91,7 +91,7 @@ finite_logits = st.lists(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(finite_logits)
 def test_integral_is_a_finite_distance_within_the_bins(values):
     logits = torch.tensor(values).requires_grad_()
@@ -114,7 +114,7 @@ box_coords = st.tuples(
 )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(box_coords, st.floats(0.01, 0.99), st.floats(0.01, 0.99))
 def test_box_decoding_round_trip(box, fx, fy):
     x, y, w, h = box
@@ -151,7 +151,7 @@ def _gt_tensor(gts):
     return torch.tensor([[x, y, x + w, y + h] for x, y, w, h in gts], dtype=torch.float32)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(gt_strategy, st.integers(1, 12))
 def test_atss_positive_centers_lie_inside_their_gt(gts, topk):
     boxes = _gt_tensor(gts)
@@ -167,7 +167,7 @@ def test_atss_positive_centers_lie_inside_their_gt(gts, topk):
         assert (margins > 0.01).all()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(gt_strategy, st.randoms(use_true_random=False))
 def test_atss_is_invariant_to_the_order_of_gts(gts, rnd):
     boxes = _gt_tensor(gts)
