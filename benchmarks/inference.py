@@ -2,13 +2,17 @@
 """Inference latency of GFL vs detectron2's RetinaNet and FCOS, same backbone, image and threads.
 
     .venv/bin/python benchmarks/inference.py --threads 2 --warmup 1 --repeats 5
+    python benchmarks/inference.py --device cuda --models GFL RetinaNet --depth 101 --fp16 \\
+        --repeats 50
 
 Every model gets the same input (batch 1, HEIGHT x WIDTH, no resize); after a warm-up, the models
 run in rotating order for ``--repeats`` rounds. Reported: the median total forward time per model,
 the time after the head (decoding, top-k, NMS) and its share of the total, and GFL/peer ratios
-(median over rounds of the same-round ratio). Heads are calibrated (see ``models.calibrate_head``)
-so that each large level sends its full top-k candidates to NMS.
+(median over rounds of the same-round ratio). All models share the first one's backbone weights
+where shapes agree (``models.share_backbone_weights``); heads are calibrated
+(``models.calibrate_head``) so that each large level sends its full top-k candidates to NMS.
 """
+
 import argparse
 import os
 import sys
@@ -22,7 +26,9 @@ from timing import StageTimer, interleaved, median_of, paired_ratio, save_json  
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=list(models.MODELS), choices=models.MODELS)
     p.add_argument("--depth", type=int, default=50, choices=(50, 101))
     p.add_argument("--height", type=int, default=800)
@@ -46,6 +52,8 @@ def main(argv=None):
     built, timers = {}, {}
     for name in args.models:
         model = models.build(name, depth=args.depth).to(args.device).eval()
+        if built:  # the same backbone weights as the first model
+            models.share_backbone_weights(next(iter(built.values())), model)
         print(name, "calibrated biases:", models.calibrate_head(model, inputs))
         timers[name] = StageTimer(model)
         built[name] = model
@@ -72,21 +80,32 @@ def main(argv=None):
     interleaved(args.models, args.warmup, run)
     samples = interleaved(args.models, args.repeats, run)
 
-    report = {"args": vars(args), "torch": torch.__version__, "models": {}, "ratios": {}}
+    device_name = torch.cuda.get_device_name() if cuda else "cpu"
+    report = {
+        "args": vars(args),
+        "torch": torch.__version__,
+        "device": device_name,
+        "models": {},
+        "ratios": {},
+    }
     for name in args.models:
         s = samples[name]
         total = median_of(s, "total")
         after = median_of(s, "after_head")
         report["models"][name] = {
             "total_s": total,
+            "fps": 1.0 / total,
             "head_s": median_of(s, "head"),
             "after_head_s": after,
             "after_head_share": after / total,
             "detections": median_of(s, "detections"),
             "samples": s,
         }
-        print(f"{name:10s} total {total:.3f}s  head {median_of(s, 'head'):.3f}s  "
-              f"after head {after:.3f}s ({100 * after / total:.1f}%)")
+        print(
+            f"{name:10s} total {total:.3f}s ({1 / total:.2f} FPS)  "
+            f"head {median_of(s, 'head'):.3f}s  "
+            f"after head {after:.3f}s ({100 * after / total:.1f}%)"
+        )
     if "GFL" in samples:
         for peer in args.models:
             if peer != "GFL":

@@ -5,6 +5,7 @@ the head sees a realistic workload, :func:`calibrate_head` rescales each model's
 and moves its classification bias above its score threshold: each large level then feeds its full
 ``topk_candidates`` into decoding and NMS, the same number for every model.
 """
+
 import math
 import os
 from typing import Dict
@@ -65,6 +66,18 @@ def build(name: str, depth: int = 50, num_classes: int = 80) -> nn.Module:
     if name not in builders:
         raise ValueError(f"unknown model {name!r}, expected one of {list(builders)}")
     return builders[name](depth=depth, num_classes=num_classes)
+
+
+@torch.no_grad()
+def share_backbone_weights(source: nn.Module, target: nn.Module) -> int:
+    """Copy every backbone tensor of ``source`` into ``target`` where name and shape agree (the
+    ResNet and the FPN lateral/output convs; RetinaNet's P6 reads res5 and keeps its own), so that
+    random weights give every model the same features. Returns the number of tensors copied."""
+    src = source.backbone.state_dict()
+    dst = target.backbone.state_dict()
+    shared = {k: v for k, v in src.items() if k in dst and dst[k].shape == v.shape}
+    target.backbone.load_state_dict(shared, strict=False)
+    return len(shared)
 
 
 def _predictor_convs(head: nn.Module) -> Dict[str, nn.Conv2d]:

@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmark scripts: per-stage timers on a DenseDetector and
 interleaved repeats so that a shared CPU's load hits every model alike."""
+
 import json
 import os
 import statistics

@@ -4,12 +4,14 @@
     .venv/bin/python benchmarks/train_step.py --num-gts 1 10 100 500 --repeats 3 --memory
 
 For every GT count in ``--num-gts`` (boxes per image), all models run one SGD step (forward,
-losses, backward, update) on the same random batch, in rotating order, ``--repeats`` times after
-``--warmup``. Reported per model: the median step time, the share of the step spent after the
-head in the forward pass (label assignment + losses) and in the assignment alone, GFL/peer ratios,
-and how the step grows with the GT count. ``--memory`` also measures each model's peak resident
+losses, backward, update) on the same random batch; every round runs all (model, GT count) pairs
+in rotating order, ``--repeats`` rounds after ``--warmup``. Reported per model: the median step
+time, the share of the step spent after the head in the forward pass (label assignment + losses)
+and in the assignment alone, GFL/peer ratios, and how the step grows with the GT count (ratios
+within a round). ``--memory`` also measures each model's peak resident
 memory during one step, each in a fresh process (RSS high-water mark minus RSS before the step).
 """
+
 import argparse
 import json
 import os
@@ -25,15 +27,27 @@ from detectron2.utils.events import EventStorage
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import models  # noqa: E402
-from timing import StageTimer, interleaved, median_of, paired_ratio, save_json, wrap_function  # noqa: E402
+from timing import (
+    StageTimer,
+    interleaved,
+    median_of,
+    paired_ratio,
+    save_json,
+    wrap_function,
+)  # noqa: E402
 
 # The assignment function of each model, timed on its own: (module or model attribute, name).
-ASSIGNERS = {"GFL": "gfocal.modeling.gfl:atss_assign", "FCOS": "model:match_anchors",
-             "RetinaNet": "model:label_anchors"}
+ASSIGNERS = {
+    "GFL": "gfocal.modeling.gfl:atss_assign",
+    "FCOS": "model:match_anchors",
+    "RetinaNet": "model:label_anchors",
+}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--models", nargs="+", default=["GFL", "FCOS"], choices=models.MODELS)
     p.add_argument("--depth", type=int, default=50, choices=(50, 101))
     p.add_argument("--batch", type=int, default=2)
@@ -49,7 +63,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def make_batch(batch: int, height: int, width: int, num_gts: int, num_classes: int = 80, seed: int = 0):
+def make_batch(
+    batch: int, height: int, width: int, num_gts: int, num_classes: int = 80, seed: int = 0
+):
     """Random images with ``num_gts`` random boxes each (sides 8 to 50% of the image)."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -83,7 +99,9 @@ def train_step(model, optimizer, batch) -> Dict[str, float]:
 
 def build_for_training(name: str, args):
     model = models.build(name, depth=args.depth).train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9
+    )
     return model, optimizer
 
 
@@ -110,9 +128,24 @@ def measure_memory(args) -> Dict[str, Dict[int, float]]:
     result: Dict[str, Dict[int, float]] = {}
     for name in args.models:
         for n in args.num_gts:
-            cmd = [sys.executable, "-W", "ignore", os.path.abspath(__file__), "--memory-child", f"{name}:{n}",
-                   "--batch", str(args.batch), "--height", str(args.height), "--width", str(args.width),
-                   "--depth", str(args.depth), "--threads", str(args.threads)]
+            cmd = [
+                sys.executable,
+                "-W",
+                "ignore",
+                os.path.abspath(__file__),
+                "--memory-child",
+                f"{name}:{n}",
+                "--batch",
+                str(args.batch),
+                "--height",
+                str(args.height),
+                "--width",
+                str(args.width),
+                "--depth",
+                str(args.depth),
+                "--threads",
+                str(args.threads),
+            ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             mib = json.loads(out.strip().splitlines()[-1])["peak_step_mib"]
             result.setdefault(name, {})[n] = mib
@@ -137,25 +170,31 @@ def main(argv=None):
         wrap_function(owner, fn, assign_times[name])
         built[name] = (model, optimizer)
 
-    report = {"args": vars(args), "torch": torch.__version__, "by_num_gts": {}}
+    batches = {n: make_batch(args.batch, args.height, args.width, n) for n in args.num_gts}
+
+    def run(key: str) -> Dict[str, float]:
+        name, n = key.split("@")
+        model, optimizer = built[name]
+        stages[name].reset()
+        assign_times[name].clear()
+        times = train_step(model, optimizer, batches[int(n)])
+        times["assign_and_losses"] = stages[name].times["after_head"]
+        times["assign"] = sum(assign_times[name].values())
+        return times
+
+    # Every round runs every (model, GT count) pair, in rotating order: ratios between models and
+    # between GT counts are taken within a round, under the same load.
+    keys = [f"{name}@{n}" for n in args.num_gts for name in args.models]
+    interleaved(keys, args.warmup, run)
+    samples = interleaved(keys, args.repeats, run)
+
+    report = {"args": vars(args), "torch": torch.__version__, "by_num_gts": {}, "growth": {}}
     for n in args.num_gts:
-        batch = make_batch(args.batch, args.height, args.width, n)
-
-        def run(name: str) -> Dict[str, float]:
-            model, optimizer = built[name]
-            stages[name].reset()
-            assign_times[name].clear()
-            times = train_step(model, optimizer, batch)
-            times["assign_and_losses"] = stages[name].times["after_head"]
-            times["assign"] = sum(assign_times[name].values())
-            return times
-
-        interleaved(args.models, args.warmup, run)
-        samples = interleaved(args.models, args.repeats, run)
         entry = {"models": {}, "ratios": {}}
         for name in args.models:
-            s = samples[name]
+            s = samples[f"{name}@{n}"]
             step = median_of(s, "step")
+            assign_ms = median_of(s, "assign") * 1e3
             entry["models"][name] = {
                 "step_s": step,
                 "assign_and_losses_share": median_of(s, "assign_and_losses") / step,
@@ -163,20 +202,26 @@ def main(argv=None):
                 "assign_s": median_of(s, "assign"),
                 "samples": s,
             }
-            print(f"{n:4d} GT/image {name:10s} step {step:.3f}s  assignment+losses "
-                  f"{100 * entry['models'][name]['assign_and_losses_share']:.1f}%  assignment "
-                  f"{100 * entry['models'][name]['assign_share']:.1f}% ({median_of(s, 'assign') * 1e3:.1f} ms)")
+            print(
+                f"{n:4d} GT/image {name:10s} step {step:.3f}s  assignment+losses "
+                f"{100 * entry['models'][name]['assign_and_losses_share']:.1f}%  assignment "
+                f"{100 * entry['models'][name]['assign_share']:.1f}% ({assign_ms:.1f} ms)"
+            )
         for peer in args.models:
-            if peer != "GFL" and "GFL" in samples:
-                entry["ratios"][f"GFL/{peer}"] = paired_ratio(samples["GFL"], samples[peer], "step")
-                print(f"{n:4d} GT/image GFL/{peer} step time ratio: {entry['ratios'][f'GFL/{peer}']:.3f}")
+            if peer != "GFL" and "GFL" in args.models:
+                ratio = paired_ratio(samples[f"GFL@{n}"], samples[f"{peer}@{n}"], "step")
+                entry["ratios"][f"GFL/{peer}"] = ratio
+                print(f"{n:4d} GT/image GFL/{peer} step time ratio: {ratio:.3f}")
         report["by_num_gts"][n] = entry
 
-    first, last = args.num_gts[0], args.num_gts[-1]
+    first = args.num_gts[0]
     for name in args.models:
-        growth = report["by_num_gts"][last]["models"][name]["step_s"] / report["by_num_gts"][first]["models"][name]["step_s"]
-        report.setdefault("growth", {})[name] = growth
-        print(f"{name}: step({last} GT) / step({first} GT) = {growth:.3f} for {last / first:.0f}x the boxes")
+        for n in args.num_gts[1:]:
+            growth = paired_ratio(samples[f"{name}@{n}"], samples[f"{name}@{first}"], "step")
+            report["growth"].setdefault(name, {})[n] = growth
+            print(
+                f"{name}: step({n} GT) / step({first} GT) = {growth:.3f} ({n // first}x the boxes)"
+            )
     if args.memory:
         report["peak_step_mib"] = measure_memory(args)
     save_json(args.output, report)

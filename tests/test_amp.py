@@ -2,6 +2,7 @@
 (GFocal#9, mmdetection#9020: half-precision overflow and lost soft targets), a GFL training step
 under CPU bfloat16 autocast gives finite float32 losses close to float32 training, and
 SOLVER.AMP.ENABLED on CPU trains with :class:`gfocal.amp.AutocastTrainer`."""
+
 import copy
 
 import detectron2.engine.defaults as d2_defaults
@@ -23,7 +24,9 @@ def test_integral_half_input_is_float32_and_exact():
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(64, 4 * 17, generator=g) * 3000).half()  # large, as fp16 heads can emit
     out = Integral(16)(logits)
-    ref = (F.softmax(logits.double().view(64, 4, 17), -1) * torch.arange(17.0, dtype=torch.float64)).sum(-1)
+    ref = (
+        F.softmax(logits.double().view(64, 4, 17), -1) * torch.arange(17.0, dtype=torch.float64)
+    ).sum(-1)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
 
@@ -37,7 +40,9 @@ def test_qfl_half_logits_keep_soft_targets():
     targets[:, 3] = torch.rand(256, generator=g)
     out = quality_focal_loss(logits, targets)
     x, y = logits.double(), targets.double()
-    ref = F.binary_cross_entropy_with_logits(x, y, reduction="none") * (y - x.sigmoid()).abs().pow(2)
+    ref = F.binary_cross_entropy_with_logits(x, y, reduction="none") * (y - x.sigmoid()).abs().pow(
+        2
+    )
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     # The float32 target matters: the loss with float16-rounded targets differs measurably.
@@ -52,8 +57,10 @@ def test_dfl_half_logits_no_overflow():
     out = distribution_focal_loss(logits, targets)
     logp = F.log_softmax(logits.double(), -1)
     left = targets.double().floor().long()
-    ref = -(logp.gather(1, left[:, None]).squeeze(1) * (left + 1 - targets.double())
-            + logp.gather(1, left[:, None] + 1).squeeze(1) * (targets.double() - left))
+    ref = -(
+        logp.gather(1, left[:, None]).squeeze(1) * (left + 1 - targets.double())
+        + logp.gather(1, left[:, None] + 1).squeeze(1) * (targets.double() - left)
+    )
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-3)
 
@@ -61,7 +68,9 @@ def test_dfl_half_logits_no_overflow():
 def _batch():
     g = torch.Generator().manual_seed(3)
     image = torch.randint(0, 256, (3, 128, 160), generator=g).float()
-    inst = make_instances((128, 160), [[10, 20, 60, 70], [90, 60, 150, 120], [30, 30, 130, 100]], [0, 2, 1])
+    inst = make_instances(
+        (128, 160), [[10, 20, 60, 70], [90, 60, 150, 120], [30, 30, 130, 100]], [0, 2, 1]
+    )
     return [{"image": image, "instances": inst}]
 
 
@@ -80,7 +89,11 @@ def test_training_step_under_bfloat16_autocast():
     assert set(losses) == set(fp32) and {"loss_cls", "loss_box", "loss_dfl"} <= set(losses)
     for name, value in losses.items():
         assert value.dtype == torch.float32 and torch.isfinite(value), name
-        assert abs(value.item() - fp32[name].item()) <= 0.05 * abs(fp32[name].item()) + 1e-3, (name, value, fp32[name])
+        assert abs(value.item() - fp32[name].item()) <= 0.05 * abs(fp32[name].item()) + 1e-3, (
+            name,
+            value,
+            fp32[name],
+        )
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(gr).all() for gr in grads)
 

@@ -4,6 +4,7 @@ models' detections match eager PyTorch's, also at an image size other than the t
 Tolerances (max absolute difference over all detections, float32 on CPU): TorchScript boxes
 1e-4 px and scores 1e-6; ONNX Runtime boxes 1e-3 px and scores 1e-5. Counts and classes must
 be equal."""
+
 import importlib.util
 import os
 
@@ -74,7 +75,10 @@ def test_onnx_matches_eager(model, images, tmp_path_factory):
     assert "NonMaxSuppression" in ops and "TopK" in ops, ops
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
     for image in images.values():
-        _check(compare_detections(_eager(model, image), session.run(None, {"image": image.numpy()})), ONNX_TOL)
+        _check(
+            compare_detections(_eager(model, image), session.run(None, {"image": image.numpy()})),
+            ONNX_TOL,
+        )
 
 
 def _op_types(graph) -> set:
@@ -114,18 +118,45 @@ def test_export_rejects_bad_input(model):
 
 
 def _export_tool():
-    spec = importlib.util.spec_from_file_location("export_model", os.path.join(REPO_ROOT, "tools", "export_model.py"))
+    spec = importlib.util.spec_from_file_location(
+        "export_model", os.path.join(REPO_ROOT, "tools", "export_model.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def _tool_argv(fmt: str, out: str):
-    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "MODEL.RESNETS.DEPTH", "18",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64", "MODEL.FPN.OUT_CHANNELS", "64",
-            "MODEL.GFL.NUM_CONVS", "1", "MODEL.GFL.NUM_CLASSES", "2", "MODEL.GFL.PRIOR_PROB", "0.06"]
-    return ["--config-file", os.path.join(REPO_ROOT, "configs", "gfl_R_50_FPN_1x.yaml"), "--format", fmt,
-            "--height", "96", "--width", "128", "--output", out] + opts
+    opts = [
+        "MODEL.DEVICE",
+        "cpu",
+        "MODEL.WEIGHTS",
+        "",
+        "MODEL.RESNETS.DEPTH",
+        "18",
+        "MODEL.RESNETS.RES2_OUT_CHANNELS",
+        "64",
+        "MODEL.FPN.OUT_CHANNELS",
+        "64",
+        "MODEL.GFL.NUM_CONVS",
+        "1",
+        "MODEL.GFL.NUM_CLASSES",
+        "2",
+        "MODEL.GFL.PRIOR_PROB",
+        "0.06",
+    ]
+    return [
+        "--config-file",
+        os.path.join(REPO_ROOT, "configs", "gfl_R_50_FPN_1x.yaml"),
+        "--format",
+        fmt,
+        "--height",
+        "96",
+        "--width",
+        "128",
+        "--output",
+        out,
+    ] + opts
 
 
 def test_export_tool_torchscript(tmp_path):
@@ -136,6 +167,9 @@ def test_export_tool_torchscript(tmp_path):
 
 def test_export_tool_missing_sample_image(tmp_path):
     argv = _tool_argv("onnx", str(tmp_path))
-    argv[argv.index("--height"):argv.index("--height")] = ["--sample-image", str(tmp_path / "none.jpg")]
+    argv[argv.index("--height") : argv.index("--height")] = [
+        "--sample-image",
+        str(tmp_path / "none.jpg"),
+    ]
     with pytest.raises(SystemExit, match="no such file"):
         _export_tool().main(argv)

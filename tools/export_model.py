@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a GFL model to TorchScript or ONNX by tracing, as detectron2's tools/deploy/export_model.py.
+"""Export GFL to TorchScript or ONNX by tracing, as detectron2's tools/deploy/export_model.py does.
 
     python tools/export_model.py --config-file configs/gfl_R_50_FPN_1x.yaml --format torchscript \\
         --output output/export MODEL.WEIGHTS model_final.pth
@@ -14,6 +14,7 @@ returns ``boxes (K, 4), classes (K,), scores (K,)``. Height and width may differ
 After export, the exported model is run on the sample image and its detections are compared with
 eager PyTorch's (``--atol``); the command fails if they differ more.
 """
+
 import argparse
 import logging
 import os
@@ -36,18 +37,32 @@ logger = logging.getLogger("gfocal.export")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config-file", required=True, metavar="FILE")
     p.add_argument("--format", choices=["torchscript", "onnx"], required=True)
-    p.add_argument("--export-method", choices=["tracing"], default="tracing",
-                   help="tracing (the model's Instances outputs are flattened by TracingAdapter)")
+    p.add_argument(
+        "--export-method",
+        choices=["tracing"],
+        default="tracing",
+        help="tracing (the model's Instances outputs are flattened by TracingAdapter)",
+    )
     p.add_argument("--output", default="output/export", help="output folder")
-    p.add_argument("--sample-image", default="", help="image to trace with (default: random, --height x --width)")
+    p.add_argument(
+        "--sample-image",
+        default="",
+        help="image to trace with (default: random, --height x --width)",
+    )
     p.add_argument("--height", type=int, default=800, help="random sample image height")
     p.add_argument("--width", type=int, default=1333, help="random sample image width")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.add_argument("--static-size", action="store_true", help="ONNX: fix the input height and width")
-    p.add_argument("--atol", type=float, default=1e-3, help="max |box| and |score| difference allowed vs eager")
+    p.add_argument(
+        "--static-size", action="store_true", help="ONNX: fix the input height and width"
+    )
+    p.add_argument(
+        "--atol", type=float, default=1e-3, help="max |box| and |score| difference allowed vs eager"
+    )
     p.add_argument("--no-check", action="store_true", help="skip running the exported model")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return p.parse_args(argv)

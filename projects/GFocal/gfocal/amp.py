@@ -1,6 +1,7 @@
 """Mixed-precision training on CPU: detectron2's AMPTrainer needs CUDA (float16 + GradScaler);
 on CPU the step runs under ``torch.autocast("cpu", dtype=torch.bfloat16)``, which keeps float32's
 exponent range and so needs no loss scaling."""
+
 import contextlib
 import time
 from unittest import mock
@@ -16,7 +17,14 @@ class AutocastTrainer(SimpleTrainer):
     """:class:`SimpleTrainer` whose forward pass (model and losses) runs under ``torch.autocast``;
     backward and the optimizer step run outside it, as in detectron2's AMPTrainer."""
 
-    def __init__(self, model, data_loader, optimizer, device_type: str = "cpu", dtype: torch.dtype = torch.bfloat16):
+    def __init__(
+        self,
+        model,
+        data_loader,
+        optimizer,
+        device_type: str = "cpu",
+        dtype: torch.dtype = torch.bfloat16,
+    ):
         super().__init__(model, data_loader, optimizer)
         self.device_type = device_type
         self.dtype = dtype

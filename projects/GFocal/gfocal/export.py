@@ -1,5 +1,6 @@
 """Export a GFL model to TorchScript (tracing) and ONNX through detectron2's TracingAdapter, and
 compare exported detections with eager ones."""
+
 import importlib
 import os
 import sys
@@ -62,7 +63,9 @@ def export_torchscript(model: nn.Module, image: Tensor, path: str) -> torch.jit.
     return traced
 
 
-def export_onnx(model: nn.Module, image: Tensor, path: str, opset: int = 17, dynamic_size: bool = True) -> None:
+def export_onnx(
+    model: nn.Module, image: Tensor, path: str, opset: int = 17, dynamic_size: bool = True
+) -> None:
     """Export ``model`` traced on ``image`` to ONNX at ``path`` (TorchScript-based exporter;
     torchvision registers NMS as ONNX ``NonMaxSuppression``). With ``dynamic_size`` the image
     height and width are dynamic axes."""
