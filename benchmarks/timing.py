@@ -12,7 +12,8 @@ from torch import nn
 
 
 class StageTimer:
-    """Records the wall time of a dense detector's head and of what runs after it.
+    """Records the wall time of a dense detector's head and the wall and CPU time (all threads of
+    this process) of what runs after it.
 
     Hooks the head (forward pre-hook and hook) and wraps ``forward_inference`` /
     ``forward_training`` on the instance; :meth:`reset` clears the last measurement.
@@ -31,9 +32,10 @@ class StageTimer:
 
     def _wrap(self, fn: Callable, key: str) -> Callable:
         def wrapped(*args, **kwargs):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             out = fn(*args, **kwargs)
             self.times[key] = time.perf_counter() - start
+            self.times[key + "_cpu"] = time.process_time() - cpu_start
             return out
 
         return wrapped
