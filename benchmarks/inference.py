@@ -9,9 +9,10 @@ Every model gets the same input (batch 1, HEIGHT x WIDTH, no resize); after a wa
 run in rotating order for ``--repeats`` rounds. Reported: the median total forward time per model,
 the time after the head (decoding, top-k, NMS) and its share of the total, and GFL/peer ratios
 (median over rounds of the same-round ratio), in wall time and in CPU time (all threads of the
-process; steadier than wall time when other jobs share the CPU). All models share the first one's backbone weights
-where shapes agree (``models.share_backbone_weights``); heads are calibrated
-(``models.calibrate_head``) so that each large level sends its full top-k candidates to NMS.
+process; steadier than wall time when other jobs share the CPU). All models share the first
+one's backbone weights where shapes agree (``models.share_backbone_weights``); heads are
+calibrated (``models.calibrate_head``) so that each large level sends its full top-k candidates
+to NMS.
 """
 
 import argparse
