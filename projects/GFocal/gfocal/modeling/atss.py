@@ -4,8 +4,6 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-from detectron2.structures import Boxes, pairwise_iou
-
 __all__ = ["atss_assign", "pad_gt_boxes"]
 
 
@@ -40,9 +38,7 @@ def atss_assign(
     if num_gts == 0:
         return torch.full((num_images, num_anchors), -1, dtype=torch.long, device=anchors.device)
 
-    # (N, R, G) IoUs and anchor-center to GT-center distances.
-    ious = pairwise_iou(Boxes(anchors), Boxes(gt_boxes.reshape(-1, 4)))
-    ious = ious.view(num_anchors, num_images, num_gts).permute(1, 0, 2)
+    # (N, R, G) anchor-center to GT-center distances.
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2  # (R, 2)
     gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (N, G, 2)
     distances = torch.cdist(anchor_centers[None].expand(num_images, -1, -1), gt_centers)
@@ -57,7 +53,8 @@ def atss_assign(
         start += level_size
     candidates = torch.cat(candidates, dim=1)
 
-    candidate_ious = ious.gather(1, candidates)  # (N, K, G)
+    # IoUs of the candidates only (not of every anchor with every GT of every image).
+    candidate_ious = _aligned_iou(anchors[candidates], gt_boxes[:, None, :, :])  # (N, K, G)
     threshold = candidate_ious.mean(dim=1) + candidate_ious.std(dim=1)  # (N, G)
     is_pos = candidate_ious >= threshold[:, None, :]
 
@@ -75,11 +72,27 @@ def atss_assign(
     ).amin(dim=-1) > 0.01
     is_pos &= inside & gt_valid[:, None, :]
 
-    # Scatter the positives' IoUs into (N, R, G); candidates are distinct per GT, so no collisions.
-    pos_ious = torch.full_like(ious, -1.0)
-    pos_ious.scatter_(1, candidates, torch.where(is_pos, candidate_ious, -1.0))
-    best_iou, best_gt = pos_ious.max(dim=2)  # highest IoU wins an anchor claimed by several GTs
-    return torch.where(best_iou >= 0, best_gt, torch.full_like(best_gt, -1))
+    # An anchor claimed by several GTs goes to the highest IoU (the lowest GT index among equals):
+    # per anchor, the max positive IoU, then the lowest GT index reaching it, by scatter-reduce.
+    flat_anchor = candidates.flatten(1)  # (N, K * G)
+    flat_iou = torch.where(is_pos, candidate_ious, -1.0).flatten(1)
+    best_iou = flat_iou.new_full((num_images, num_anchors), -1.0)
+    best_iou = best_iou.scatter_reduce(1, flat_anchor, flat_iou, reduce="amax")
+    gt_index = torch.arange(num_gts, device=anchors.device).expand_as(candidates).flatten(1)
+    wins = (flat_iou >= 0) & (flat_iou == best_iou.gather(1, flat_anchor))
+    matched = torch.full_like(flat_anchor[:, :1], num_gts).expand(-1, num_anchors).clone()
+    matched = matched.scatter_reduce(1, flat_anchor, torch.where(wins, gt_index, num_gts), reduce="amin")
+    return torch.where(matched < num_gts, matched, torch.full_like(matched, -1))
+
+
+def _aligned_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of XYXY boxes broadcast against each other, with the same arithmetic as detectron2's
+    ``pairwise_iou`` (so the same values, bit for bit)."""
+    width_height = torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])
+    inter = width_height.clamp(min=0).prod(dim=-1)
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    return torch.where(inter > 0, inter / (area1 + area2 - inter), torch.zeros_like(inter))
 
 
 def pad_gt_boxes(boxes_per_image: List[Tensor]) -> Tuple[Tensor, Tensor]:
