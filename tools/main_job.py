@@ -84,34 +84,29 @@ def coco_metrics(gt_json: str, results_json: str) -> Dict[str, float]:
 
 
 def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: float) -> List[str]:
-    """Run the trained model on validation tiles and save them with predicted boxes drawn."""
+    """Run the trained model (detectron2's DefaultPredictor: test-time resize and input format
+    from the config) on validation tiles and save them with the predicted boxes drawn."""
     import cv2
-    import torch
 
-    from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.data import DatasetCatalog, MetadataCatalog
-    from detectron2.modeling import build_model
+    from detectron2.engine import DefaultPredictor
     from detectron2.utils.visualizer import Visualizer
 
+    cfg = cfg.clone()
+    cfg.MODEL.WEIGHTS = weights
+    predictor = DefaultPredictor(cfg)
     dataset = cfg.DATASETS.TEST[0]
-    model = build_model(cfg)
-    DetectionCheckpointer(model).load(weights)
-    model.eval()
-    os.makedirs(out_dir, exist_ok=True)
     metadata = MetadataCatalog.get(dataset)
+    os.makedirs(out_dir, exist_ok=True)
     paths = []
     for record in DatasetCatalog.get(dataset)[:num]:
         bgr = cv2.imread(record["file_name"])
-        image = bgr[:, :, ::-1] if cfg.INPUT.FORMAT == "RGB" else bgr
-        with torch.no_grad():
-            tensor = torch.as_tensor(image.astype("float32").transpose(2, 0, 1))
-            instances = model([{"image": tensor, "height": bgr.shape[0], "width": bgr.shape[1]}])
-        instances = instances[0]["instances"].to("cpu")
+        instances = predictor(bgr)["instances"].to("cpu")
         instances = instances[instances.scores >= score_thresh]
-        vis = Visualizer(bgr[:, :, ::-1], metadata, scale=1.5)
-        drawn = vis.draw_instance_predictions(instances).get_image()
-        path = os.path.join(out_dir, os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png")
-        cv2.imwrite(path, drawn[:, :, ::-1])
+        drawn = Visualizer(bgr[:, :, ::-1], metadata, scale=1.5).draw_instance_predictions(instances)
+        name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
+        path = os.path.join(out_dir, name)
+        cv2.imwrite(path, drawn.get_image()[:, :, ::-1])
         paths.append(path)
     return paths
 
