@@ -151,9 +151,9 @@ def _tool_argv(fmt: str, out: str):
         "--format",
         fmt,
         "--height",
-        "96",
+        "64",
         "--width",
-        "128",
+        "96",
         "--output",
         out,
     ] + opts
