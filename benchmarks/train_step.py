@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict
 
 import torch
 

@@ -6,7 +6,6 @@ SOLVER.AMP.ENABLED on CPU trains with :class:`gfocal.amp.AutocastTrainer`."""
 import copy
 
 import detectron2.engine.defaults as d2_defaults
-import pytest
 import torch
 from torch.nn import functional as F
 

@@ -18,7 +18,6 @@ eager PyTorch's (``--atol``); the command fails if they differ more.
 import argparse
 import logging
 import os
-import sys
 
 import torch
 
