@@ -97,6 +97,8 @@ def test_variants_losses(variant, toy_image):
 
 
 def _train(cfg, batch, iterations, lr=0.01):
+    """SGD on a fixed batch. Callers freeze the ResNet (``FREEZE_AT 5``): the FPN and the head
+    are what these tests are about, and the ResNet's backward would dominate the CPU time."""
     torch.manual_seed(0)
     model = build_model(cfg)
     model.train()
@@ -129,7 +131,7 @@ def test_training_learns_boxes(toy_image):
     """GFL's total loss is not monotone (QFL targets are the IoUs of the improving boxes and the
     box losses are weighted by the rising scores), so this checks what it learns: the positives'
     predicted boxes fit their GTs better, and the detections cover the objects better."""
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(**{"MODEL.BACKBONE.FREEZE_AT": 5})
     cfg.MODEL.GFL.SCORE_THRESH_TEST = 0.0
     torch.manual_seed(0)
     before = _best_iou_per_gt(build_model(cfg), toy_image)  # same seed as _train's model
@@ -142,7 +144,7 @@ def test_training_learns_boxes(toy_image):
 
 
 def test_training_lowers_loss_of_the_atss_baseline(toy_image):
-    cfg = tiny_cfg(**VARIANTS["atss"])
+    cfg = tiny_cfg(**VARIANTS["atss"], **{"MODEL.BACKBONE.FREEZE_AT": 5})
     _, history = _train(cfg, [toy_image], iterations=12)
     first = sum(h["total"] for h in history[:3]) / 3
     last = sum(h["total"] for h in history[-3:]) / 3
