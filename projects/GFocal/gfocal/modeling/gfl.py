@@ -252,6 +252,7 @@ class GFL(DenseDetector):
         if pos_ious.numel() > 0:
             get_event_storage().put_scalar("pos_iou", pos_ious.mean().item())
         target_distances = boxes_to_distances(pos_centers, pos_targets)
+        centerness = centerness_targets(target_distances) if self.quality == "centerness" else None
 
         # Classification: QFL on the joint class-IoU target, or Focal Loss on one-hot labels.
         cls_targets = torch.zeros_like(logits, dtype=torch.float32)
@@ -273,7 +274,7 @@ class GFL(DenseDetector):
         if self.quality == "joint":
             weights = logits[pos_img, pos_anchor].detach().float().sigmoid().amax(dim=1)
         elif self.quality == "centerness":
-            weights = centerness_targets(target_distances)
+            weights = centerness
         else:
             weights = torch.ones_like(pos_ious)
         weight_sum = all_reduce_mean(weights.sum()).clamp(min=1.0)
@@ -287,7 +288,7 @@ class GFL(DenseDetector):
 
         # Separate quality branch (ablations): BCE to the centerness target or to the IoU.
         if quality is not None:
-            target = centerness_targets(target_distances) if self.quality == "centerness" else pos_ious
+            target = centerness if self.quality == "centerness" else pos_ious
             losses["loss_quality"] = (
                 F.binary_cross_entropy_with_logits(
                     quality[pos_img, pos_anchor].float(), target, reduction="sum"
