@@ -3,7 +3,7 @@ import statistics
 
 import torch
 
-from gfocal.modeling.atss import atss_assign, pad_gt_boxes
+from gfocal.modeling.atss import atss_assign, center_distances, nearest_candidates, pad_gt_boxes
 
 # One row of four 10x10 anchors with centers at x = 5, 15, 25, 35 (y = 5).
 ROW = torch.tensor(
@@ -80,3 +80,32 @@ def test_batched_equals_per_image():
         single = atss_assign(anchors, levels, boxes[None], torch.ones(1, len(boxes), dtype=torch.bool), 9)
         assert torch.equal(batched[i], single[0])
     assert (batched >= 0).any()
+
+
+def test_nearest_candidates_exact_on_a_near_tie():
+    # Anchor centers on a stride-8 grid of an 800x1344 image; the GT center (1200.502, 701.5)
+    # makes the 9th and 10th nearest centers differ by ~1e-3 px. The exact distances (computed
+    # from coordinate differences) pick the same 9 as float64; torch.cdist's default mode
+    # (a matrix-product formula for large inputs) rounds the squared norms at ~1e6 and swaps them.
+    xs, ys = torch.arange(0, 1344, 8.0), torch.arange(0, 800, 8.0)
+    centers = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+    gt_center = torch.tensor([[[1200.5 + 0.002, 701.5]]])
+
+    exact64 = (centers.double()[:, None, :] - gt_center.double()[0]).pow(2).sum(-1).sqrt()[:, 0]
+    ordered = exact64.sort().values
+    assert 0 < ordered[9] - ordered[8] < 2e-3  # a real near-tie between the 9th and 10th
+    want = exact64.topk(9, largest=False).indices.sort().values
+
+    got = nearest_candidates(centers, [len(centers)], gt_center, topk=9)[0, :, 0].sort().values
+    assert torch.equal(got, want)
+    assert torch.allclose(center_distances(centers, gt_center)[0, :, 0].double(), exact64, atol=1e-4)
+
+    with_cdist = torch.cdist(centers[None], gt_center)[0, :, 0].topk(9, largest=False).indices
+    assert not torch.equal(with_cdist.sort().values, want)  # what the old code got wrong
+
+
+def test_nearest_candidates_per_level_offsets():
+    # Two levels: 3 anchors (centers x = 0, 10, 20) then 2 anchors (x = 100, 200); topk 2.
+    centers = torch.tensor([[0.0, 0.0], [10.0, 0.0], [20.0, 0.0], [100.0, 0.0], [200.0, 0.0]])
+    got = nearest_candidates(centers, [3, 2], torch.tensor([[[12.0, 0.0]]]), topk=2)
+    assert got[0, :, 0].tolist() == [1, 2, 3, 4]  # level 1: 10, 20 nearest; level 2: both

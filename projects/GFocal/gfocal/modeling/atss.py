@@ -4,7 +4,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["atss_assign", "pad_gt_boxes"]
+__all__ = ["atss_assign", "center_distances", "nearest_candidates", "pad_gt_boxes"]
 
 
 @torch.no_grad()
@@ -38,20 +38,10 @@ def atss_assign(
     if num_gts == 0:
         return torch.full((num_images, num_anchors), -1, dtype=torch.long, device=anchors.device)
 
-    # (N, R, G) anchor-center to GT-center distances.
     anchor_centers = (anchors[:, :2] + anchors[:, 2:]) / 2  # (R, 2)
     gt_centers = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # (N, G, 2)
-    distances = torch.cdist(anchor_centers[None].expand(num_images, -1, -1), gt_centers)
 
-    # Per level, the topk nearest anchors of every GT: (N, K, G) anchor indices.
-    candidates = []
-    start = 0
-    for level_size in num_anchors_per_level:
-        k = min(topk, level_size)
-        _, idx = distances[:, start : start + level_size].topk(k, dim=1, largest=False)
-        candidates.append(idx + start)
-        start += level_size
-    candidates = torch.cat(candidates, dim=1)
+    candidates = nearest_candidates(anchor_centers, num_anchors_per_level, gt_centers, topk)
 
     # IoUs of the candidates only (not of every anchor with every GT of every image).
     candidate_ious = _aligned_iou(anchors[candidates], gt_boxes[:, None, :, :])  # (N, K, G)
@@ -83,6 +73,29 @@ def atss_assign(
     matched = torch.full_like(flat_anchor[:, :1], num_gts).expand(-1, num_anchors).clone()
     matched = matched.scatter_reduce(1, flat_anchor, torch.where(wins, gt_index, num_gts), reduce="amin")
     return torch.where(matched < num_gts, matched, torch.full_like(matched, -1))
+
+
+def nearest_candidates(
+    anchor_centers: Tensor, num_anchors_per_level: List[int], gt_centers: Tensor, topk: int
+) -> Tensor:
+    """Per level, the ``topk`` anchors whose centers (R, 2) are nearest to each GT center
+    (N, G, 2) (all of a level's anchors if it has fewer): (N, K, G) anchor indices, K the sum of
+    the per-level counts."""
+    candidates = []
+    start = 0
+    for level_size in num_anchors_per_level:
+        distances = center_distances(anchor_centers[start : start + level_size], gt_centers)
+        _, idx = distances.topk(min(topk, level_size), dim=1, largest=False)
+        candidates.append(idx + start)
+        start += level_size
+    return torch.cat(candidates, dim=1)
+
+
+def center_distances(points: Tensor, centers: Tensor) -> Tensor:
+    """Euclidean distances (N, P, G) of points (P, 2) to the centers (N, G, 2), computed from the
+    coordinate differences. ``torch.cdist`` switches to a matrix-product formula for large inputs
+    whose rounding (up to ~2e-3 px at image scale) can swap two near-tied candidates."""
+    return (points[None, :, None, :] - centers[:, None, :, :]).pow(2).sum(dim=-1).sqrt()
 
 
 def _aligned_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
