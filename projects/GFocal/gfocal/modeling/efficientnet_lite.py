@@ -24,6 +24,7 @@ from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import Backbone
 
 from .backbone import fpn_with_p6p7
+from .feature_cache import FeatureCache
 
 __all__ = [
     "EfficientNetLite",
@@ -98,7 +99,13 @@ class EfficientNetLite(Backbone):
         norm: "FrozenBN" (statistics and affine fixed) or "BN".
     """
 
-    def __init__(self, out_features: List[str], freeze_at: int = 0, norm: str = "FrozenBN"):
+    def __init__(
+        self,
+        out_features: List[str],
+        freeze_at: int = 0,
+        norm: str = "FrozenBN",
+        feature_cache_mb: int = 0,
+    ):
         super().__init__()
         self._conv_stem, self._bn0 = _conv_bn(3, STEM_CHANNELS, 3, stride=2)
         blocks: List[nn.Module] = []
@@ -133,6 +140,16 @@ class EfficientNetLite(Backbone):
         elif norm != "BN":
             raise ValueError(f"MODEL.EFFICIENTNET_LITE.NORM={norm!r} must be 'FrozenBN' or 'BN'")
         self.freeze(freeze_at)
+        self.feature_cache = None
+        if feature_cache_mb > 0:
+            trainable = [n for n, p in self.named_parameters() if p.requires_grad]
+            if trainable or norm != "FrozenBN":
+                raise ValueError(
+                    f"MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB={feature_cache_mb} caches features "
+                    "of a fully frozen backbone: it needs FREEZE_AT=5 and NORM='FrozenBN' (got "
+                    f"FREEZE_AT={freeze_at}, NORM={norm!r}; trainable: {trainable[:3]}...)"
+                )
+            self.feature_cache = FeatureCache(feature_cache_mb)
 
     def freeze(self, freeze_at: int) -> None:
         if not 0 <= freeze_at <= 5:
@@ -150,6 +167,11 @@ class EfficientNetLite(Backbone):
                 p.requires_grad = False
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        if self.feature_cache is not None:
+            return self.feature_cache(x, self._forward)
+        return self._forward(x)
+
+    def _forward(self, x: Tensor) -> Dict[str, Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
         outputs = {}
         for i, block in enumerate(self._blocks):
@@ -216,11 +238,14 @@ def _summarise(keys: List[str]) -> List[str]:
 
 @BACKBONE_REGISTRY.register()
 def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientNetLite:
-    """EfficientNet-Lite0 from ``MODEL.EFFICIENTNET_LITE`` (OUT_FEATURES, FREEZE_AT, NORM, WEIGHTS)."""
+    """EfficientNet-Lite0 from ``MODEL.EFFICIENTNET_LITE`` (OUT_FEATURES, FREEZE_AT, NORM, WEIGHTS,
+    FEATURE_CACHE_MB)."""
     ecfg = cfg.MODEL.EFFICIENTNET_LITE
     if input_shape.channels != 3:
         raise ValueError(f"EfficientNet-Lite0 takes 3 input channels, got {input_shape.channels}")
-    model = EfficientNetLite(list(ecfg.OUT_FEATURES), ecfg.FREEZE_AT, ecfg.NORM)
+    model = EfficientNetLite(
+        list(ecfg.OUT_FEATURES), ecfg.FREEZE_AT, ecfg.NORM, ecfg.FEATURE_CACHE_MB
+    )
     if ecfg.WEIGHTS:
         load_lite0_weights(model, ecfg.WEIGHTS)
     return model

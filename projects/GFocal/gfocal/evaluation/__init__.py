@@ -1,0 +1,3 @@
+from .precision_recall import PrecisionRecallEvaluator, best_f1_threshold, precision_recall
+
+__all__ = ["PrecisionRecallEvaluator", "best_f1_threshold", "precision_recall"]
