@@ -12,7 +12,7 @@ import weakref
 
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
@@ -21,6 +21,7 @@ from gfocal import add_gfl_config
 from gfocal.amp import cpu_amp_trainer
 from gfocal.checkpoint import GFLCheckpointer
 from gfocal.data.annotations import check_num_classes, load_train_dataset_dicts
+from gfocal.data.augmentation import build_train_augmentation
 from gfocal.evaluation import PrecisionRecallEvaluator
 from gfocal.utils import has_detectron2_ops
 
@@ -59,7 +60,8 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, dataset=load_train_dataset_dicts(cfg))
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=build_train_augmentation(cfg))
+        return build_detection_train_loader(cfg, dataset=load_train_dataset_dicts(cfg), mapper=mapper)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):

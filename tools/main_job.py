@@ -6,10 +6,12 @@
 1. builds the tiled COCO tree-crown datasets from the deepforest wheel (idempotent, checked);
 2. trains GFL with ``train_net.py`` on ``configs/trees/gfl_lite0_trees.yaml`` (progress and ETA
    from detectron2's writers), which evaluates once at the end with COCOEvaluator;
-3. evaluates the written checkpoint again with ``train_net.py --eval-only`` and checks that the
-   AP is the same;
-4. draws the predicted boxes on the validation tiles (detectron2's Visualizer) as PNGs;
-5. writes ``summary.json`` and prints AP/AP50/AP75 and where the files are.
+3. evaluates the written checkpoint again with ``train_net.py --eval-only`` on the training and
+   validation tiles, checks that the validation AP is the same, and reports precision / recall /
+   F1 at IoU 0.4 on validation at the score threshold with the best F1 on the training tiles;
+4. draws ground truth (green; border-cut crowns grey) and predictions (red, with scores) at that
+   threshold on the validation tiles (detectron2's Visualizer) as PNGs;
+5. writes ``summary.json`` and prints AP/AP50/AP75, precision/recall and where the files are.
 
 Trailing ``KEY VALUE`` pairs are config overrides for both runs (e.g. ``SOLVER.MAX_ITER 20``).
 """
@@ -46,7 +48,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a border-cut box with less of its area inside the tile becomes iscrowd (ignored)",
     )
     p.add_argument("--num-draw", type=int, default=12, help="validation tiles to draw")
-    p.add_argument("--draw-score-thresh", type=float, default=0.3, help="score of drawn boxes")
+    p.add_argument(
+        "--draw-score-thresh",
+        type=float,
+        default=None,
+        help="score of drawn boxes (default: the best-F1 threshold chosen on the training tiles)",
+    )
     p.add_argument(
         "--ap-tolerance",
         type=float,
@@ -83,19 +90,35 @@ def coco_metrics(gt_json: str, results_json: str) -> Dict[str, float]:
     return {k: float(ev.stats[i]) * 100 for i, k in enumerate(METRIC_KEYS)}
 
 
+GT_COLOR = (0.1, 0.9, 0.1)  # green: ground-truth crowns
+IGNORED_COLOR = (0.6, 0.6, 0.6)  # grey: crowns cut by the tile border (iscrowd, ignored)
+PRED_COLOR = (1.0, 0.1, 0.1)  # red: predictions, labelled with their score
+
+
+def validation_precision_recall(results_json: str, iou: float, score_thresh: float) -> Dict[str, float]:
+    """Precision/recall/F1 of the validation detections at ``iou`` and ``score_thresh``."""
+    from gfocal.evaluation.precision_recall import coco_images, precision_recall
+
+    with open(results_json) as f:
+        detections = json.load(f)
+    return precision_recall(coco_images("neon_trees_val", detections), iou, score_thresh)
+
+
 def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: float) -> List[str]:
     """Run the trained model (detectron2's DefaultPredictor: test-time resize and input format
-    from the config) on validation tiles and save them with the predicted boxes drawn."""
+    from the config) on validation tiles and save each with its ground truth (green, border-cut
+    crowns grey) and the predictions at or above ``score_thresh`` (red, with scores)."""
     import cv2
 
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from detectron2.engine import DefaultPredictor
+    from detectron2.structures import BoxMode
     from detectron2.utils.visualizer import Visualizer
 
     cfg = cfg.clone()
     cfg.MODEL.WEIGHTS = weights
     predictor = DefaultPredictor(cfg)
-    dataset = cfg.DATASETS.TEST[0]
+    dataset = cfg.DATASETS.TEST[-1]
     metadata = MetadataCatalog.get(dataset)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
@@ -103,7 +126,22 @@ def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: fl
         bgr = cv2.imread(record["file_name"])
         instances = predictor(bgr)["instances"].to("cpu")
         instances = instances[instances.scores >= score_thresh]
-        drawn = Visualizer(bgr[:, :, ::-1], metadata, scale=1.5).draw_instance_predictions(instances)
+        vis = Visualizer(bgr[:, :, ::-1], metadata, scale=1.5)
+        anns = record.get("annotations", [])
+        for crowd, color in ((0, GT_COLOR), (1, IGNORED_COLOR)):
+            boxes = [
+                BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS)
+                for a in anns
+                if a.get("iscrowd", 0) == crowd
+            ]
+            if boxes:
+                vis.overlay_instances(boxes=boxes, assigned_colors=[color] * len(boxes), alpha=1.0)
+        drawn = vis.overlay_instances(
+            boxes=instances.pred_boxes.tensor.numpy(),
+            labels=[f"{s:.2f}" for s in instances.scores.tolist()],
+            assigned_colors=[PRED_COLOR] * len(instances),
+            alpha=1.0,
+        )
         name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
         path = os.path.join(out_dir, name)
         cv2.imwrite(path, drawn.get_image()[:, :, ::-1])
@@ -142,13 +180,19 @@ def main(argv=None) -> Dict[str, float]:
     results_name = os.path.join("inference", "neon_trees_val", "coco_instances_results.json")
     metrics = coco_metrics(gt_json, os.path.join(train_dir, results_name))
 
-    # 3. Evaluate the written checkpoint again.
+    # 3. Evaluate the written checkpoint again, on the training tiles too: their best-F1 score
+    # threshold at IoU TEST.PRECISION_RECALL.IOU_THRESH is the operating point reported on
+    # validation (chosen on training data, not on validation).
     eval_dir = os.path.join(out, "eval_only")
     t = time.perf_counter()
     run(
         [python, "train_net.py", "--config-file", args.config_file, "--eval-only"]
         + args.opts
-        + ["MODEL.WEIGHTS", weights, "OUTPUT_DIR", eval_dir],
+        + [
+            "MODEL.WEIGHTS", weights, "OUTPUT_DIR", eval_dir,
+            "DATASETS.TEST", '("neon_trees_train", "neon_trees_val")',
+            "TEST.PRECISION_RECALL.ENABLED", "True",
+        ],
         env,
     )
     times["eval_only_s"] = time.perf_counter() - t
@@ -158,6 +202,12 @@ def main(argv=None) -> Dict[str, float]:
         raise RuntimeError(
             f"--eval-only gives {metrics_again}, the training run's evaluation gave {metrics}"
         )
+    with open(os.path.join(eval_dir, "inference", "neon_trees_train", "precision_recall.json")) as f:
+        train_pr = json.load(f)
+    score_thresh = train_pr["best_f1_score_thresh"]
+    val_pr = validation_precision_recall(
+        os.path.join(eval_dir, results_name), train_pr["iou"], score_thresh
+    )
 
     # 4. Draw.
     from detectron2.config import get_cfg
@@ -170,7 +220,11 @@ def main(argv=None) -> Dict[str, float]:
     cfg.merge_from_list(args.opts)
     t = time.perf_counter()
     drawn = draw_predictions(
-        cfg, weights, os.path.join(out, "vis"), args.num_draw, args.draw_score_thresh
+        cfg,
+        weights,
+        os.path.join(out, "vis"),
+        args.num_draw,
+        score_thresh if args.draw_score_thresh is None else args.draw_score_thresh,
     )
     times["draw_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start
@@ -178,6 +232,7 @@ def main(argv=None) -> Dict[str, float]:
     summary = {
         "metrics": metrics,
         "eval_only_metrics": metrics_again,
+        "precision_recall": {"train_chosen": train_pr, "val": val_pr},
         "times": times,
         "checkpoint": weights,
         "metrics_json": os.path.join(train_dir, "metrics.json"),
@@ -192,6 +247,10 @@ def main(argv=None) -> Dict[str, float]:
     print("\n" + "=" * 72)
     print("[main_job] GFL on NEON tree crowns (validation tiles of 2019_YELL_2_541000_4977000)")
     print("  " + "   ".join(f"{k} {metrics[k]:.1f}" for k in METRIC_KEYS))
+    print(
+        "  at IoU {iou:g}, score >= {score_thresh:.2f} (best F1 on the training tiles): "
+        "precision {precision:.1f}  recall {recall:.1f}  F1 {f1:.1f}".format(**val_pr)
+    )
     print(f"  --eval-only with the checkpoint: same AP (largest difference {diff:.2g})")
     print(
         "  wall time {total_s:.0f} s (data {data_s:.0f} s, train+eval {train_and_eval_s:.0f} s, "

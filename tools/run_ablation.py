@@ -1,14 +1,18 @@
 #!/usr/bin/env python
 """The paper's Table 3 ablation re-run on the tree crowns, plus detectron2's RetinaNet and FCOS.
 
-    .venv/bin/python tools/run_ablation.py [--seeds 0 1 2] [--max-iter 100] [KEY VALUE ...]
+    .venv/bin/python tools/run_ablation.py [--lrs 0.01 0.02 0.04] [--seeds 0 1 2] [--jobs 2] [KEY VALUE ...]
 
-Every variant trains on the same data, backbone (EfficientNet-Lite0 + 64-channel FPN, P3-P5),
-head size (2 convs x 64 channels per tower, GN) and schedule, once per seed, in its own process;
-each run writes ``<output-dir>/<variant>/seed<k>/results.json`` and finished runs are skipped
-when the script is started again. At the end (or with ``--table-only``) the Markdown table of
-mean and sample standard deviation of AP, AP50, AP75 is written to
-``<output-dir>/ablation_table.md`` and printed.
+Every variant trains on the same data, backbone (frozen EfficientNet-Lite0, its features cached
+in memory, + 64-channel FPN, P3-P5), head size (2 convs x 64 channels per tower, GN) and schedule
+(the config's, or ``--max-iter`` with steps at 3/4 and 9/10). Each variant first runs every
+learning rate of ``--lrs`` with the first seed; the lr with the best validation AP is its own
+best, at which it then runs the other seeds. Every run is its own process (``--jobs`` at once,
+``--threads`` torch threads each) and writes ``<output-dir>/<variant>/lr<lr>/seed<k>/results.json``
+(and ``stdout.log``); finished runs are skipped when the script is started again. At the end (or
+with ``--table-only``) the Markdown table (the sweep's APs, then mean and sample standard
+deviation over the seeds at the best lr of AP, AP50, AP75 and precision/recall/F1 at IoU 0.4) is
+written to ``<output-dir>/ablation_table.md`` and printed.
 """
 import argparse
 import json
@@ -17,11 +21,12 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs/trees/gfl_lite0_trees.yaml")
 METRIC_KEYS = ("AP", "AP50", "AP75")
+PR_KEYS = ("precision", "recall", "f1")  # at IoU 0.4 and TEST.PRECISION_RECALL.SCORE_THRESH
 
 # name -> (label in the table, config overrides)
 VARIANTS: Dict[str, tuple] = {
@@ -64,20 +69,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=os.path.join(REPO, "output/ablation"))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--max-iter", type=int, default=100, help="iterations of every run")
+    p.add_argument(
+        "--lrs", nargs="+", type=float, default=[0.01, 0.02, 0.04],
+        help="learning rates swept with the first seed; every variant then runs the other seeds "
+        "at its own best (by validation AP)",
+    )
+    p.add_argument("--max-iter", type=int, default=None, help="iterations (default: the config's)")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel, each its own process")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--table-only", action="store_true", help="only (re)write the table")
-    p.add_argument("--single", nargs=2, metavar=("VARIANT", "SEED"), help=argparse.SUPPRESS)
+    p.add_argument("--single", nargs=3, metavar=("VARIANT", "LR", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     return p.parse_args(argv)
 
 
-def schedule(max_iter: int) -> List[str]:
+def schedule(max_iter: Optional[int]) -> List[str]:
     """The config's schedule shrunk to ``max_iter``: lr steps at 3/4 and 9/10 of it."""
+    if max_iter is None:
+        return []
     return [
         "SOLVER.MAX_ITER", str(max_iter),
         "SOLVER.STEPS", f"({int(max_iter * 0.75)}, {int(max_iter * 0.9)})",
-        "SOLVER.WARMUP_ITERS", str(min(50, max_iter // 4)),
+        "SOLVER.WARMUP_ITERS", str(min(100, max_iter // 4)),
     ]
+
+
+def run_dir(args: argparse.Namespace, variant: str, lr: float, seed: int) -> str:
+    return os.path.join(args.output_dir, variant, f"lr{lr:g}", f"seed{seed}")
+
+
+def load_result(args: argparse.Namespace, variant: str, lr: float, seed: int) -> Optional[dict]:
+    path = os.path.join(run_dir(args, variant, lr, seed), "results.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def best_lr(args: argparse.Namespace, variant: str) -> Optional[float]:
+    """The swept lr with the highest validation AP of the first seed (None until all ran)."""
+    sweep = [(load_result(args, variant, lr, args.seeds[0]), lr) for lr in args.lrs]
+    if any(r is None for r, _ in sweep):
+        return None
+    return max(sweep, key=lambda x: x[0]["AP"])[1]
 
 
 def build_fcos(cfg):
@@ -128,51 +162,72 @@ def run_single(args: argparse.Namespace) -> None:
                 return super().build_model(cfg)
             return build_fcos(cfg).to(torch.device(cfg.MODEL.DEVICE))
 
-    variant, seed = args.single[0], int(args.single[1])
-    out = os.path.join(args.output_dir, variant, f"seed{seed}")
+    variant, lr, seed = args.single[0], float(args.single[1]), int(args.single[2])
+    out = run_dir(args, variant, lr, seed)
     cfg = get_cfg()
     add_gfl_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(
         VARIANTS[variant][1] + schedule(args.max_iter) + args.opts
-        + ["SEED", str(seed), "OUTPUT_DIR", out]
+        + ["SOLVER.BASE_LR", str(lr), "SEED", str(seed), "OUTPUT_DIR", out]
     )
     cfg.freeze()
     default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False))
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     trainer = AblationTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()  # evaluates once at the end (TEST.EVAL_PERIOD 0) into the event storage
     latest = trainer.storage.latest()
     record = {k: float(latest[f"bbox/{k}"][0]) for k in METRIC_KEYS}
-    record.update(variant=variant, seed=seed, max_iter=args.max_iter, wall_s=time.perf_counter() - start)
+    for k in PR_KEYS:
+        if f"pr/{k}" in latest:
+            record[k] = float(latest[f"pr/{k}"][0])
+    record.update(
+        variant=variant, lr=lr, seed=seed, max_iter=cfg.SOLVER.MAX_ITER,
+        wall_s=time.perf_counter() - start,
+    )
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(record, f, indent=1)
 
 
+def _cell(values: List[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def table(args: argparse.Namespace) -> str:
+    keys = METRIC_KEYS + PR_KEYS
+    lr_cols = " | ".join(f"AP lr {lr:g}" for lr in args.lrs)
     rows = [
-        f"| variant | runs | {' | '.join(METRIC_KEYS)} |",
-        "|---|---|" + "---|" * len(METRIC_KEYS),
+        f"| variant | {lr_cols} | best lr | seeds | {' | '.join(keys)} |",
+        "|---|" + "---|" * len(args.lrs) + "---|---|" + "---|" * len(keys),
     ]
     for variant in args.variants:
-        runs = []
-        for seed in args.seeds:
-            path = os.path.join(args.output_dir, variant, f"seed{seed}", "results.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    runs.append(json.load(f))
-        cells = []
-        for k in METRIC_KEYS:
-            values = [r[k] for r in runs]
-            if not values:
-                cells.append("-")
-            elif len(values) == 1:
-                cells.append(f"{values[0]:.1f}")
-            else:
-                cells.append(f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}")
-        rows.append(f"| {VARIANTS[variant][0]} | {len(runs)} | {' | '.join(cells)} |")
+        sweep = [load_result(args, variant, lr, args.seeds[0]) for lr in args.lrs]
+        lr = best_lr(args, variant)
+        runs = [] if lr is None else [load_result(args, variant, lr, s) for s in args.seeds]
+        runs = [r for r in runs if r is not None]
+        cells = [_cell([r[k] for r in runs if k in r]) for k in keys]
+        sweep_cells = [f"{r['AP']:.1f}" if r else "-" for r in sweep]
+        rows.append(
+            f"| {VARIANTS[variant][0]} | {' | '.join(sweep_cells)} | "
+            f"{'-' if lr is None else f'{lr:g}'} | {len(runs)} | {' | '.join(cells)} |"
+        )
     return "\n".join(rows) + "\n"
+
+
+def pending_runs(args: argparse.Namespace) -> List[tuple]:
+    """(variant, lr, seed) still to run: the sweep first, then the other seeds at the best lr."""
+    todo = [(v, lr, args.seeds[0]) for v in args.variants for lr in args.lrs]
+    for v in args.variants:
+        lr = best_lr(args, v)
+        if lr is not None:
+            todo += [(v, lr, s) for s in args.seeds[1:]]
+    return [r for r in todo if load_result(args, *r) is None]
 
 
 def main(argv=None) -> None:
@@ -180,24 +235,42 @@ def main(argv=None) -> None:
     if args.single:
         run_single(args)
         return
-    if not args.table_only:
-        for seed in args.seeds:  # seed-major: a partial run still covers every variant
-            for variant in args.variants:
-                done = os.path.join(args.output_dir, variant, f"seed{seed}", "results.json")
-                if os.path.isfile(done):
-                    continue
-                cmd = [
-                    sys.executable, os.path.abspath(__file__), "--single", variant, str(seed),
-                    "--config-file", args.config_file, "--output-dir", args.output_dir,
-                    "--max-iter", str(args.max_iter),
-                ] + args.opts
-                print(f"[ablation] {variant} seed {seed}", flush=True)
-                subprocess.run(cmd, check=True, cwd=REPO)
+    running: Dict[tuple, subprocess.Popen] = {}
+    failed = []
+    while not args.table_only:
+        todo = [r for r in pending_runs(args) if r not in running and r not in failed]
+        while todo and len(running) < args.jobs:
+            variant, lr, seed = todo.pop(0)
+            cmd = [
+                sys.executable, os.path.abspath(__file__), "--single", variant, str(lr), str(seed),
+                "--config-file", args.config_file, "--output-dir", args.output_dir,
+                "--threads", str(args.threads),
+            ] + (["--max-iter", str(args.max_iter)] if args.max_iter else []) + args.opts
+            log_dir = run_dir(args, variant, lr, seed)
+            os.makedirs(log_dir, exist_ok=True)
+            log = open(os.path.join(log_dir, "stdout.log"), "w")
+            env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+            print(f"[ablation] start {variant} lr {lr:g} seed {seed} (log {log.name})", flush=True)
+            running[(variant, lr, seed)] = subprocess.Popen(
+                cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
+            )
+        if not running:
+            break
+        time.sleep(2)
+        for key, proc in list(running.items()):
+            if proc.poll() is not None:
+                del running[key]
+                status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
+                print(f"[ablation] {status}: {key[0]} lr {key[1]:g} seed {key[2]}", flush=True)
+                if proc.returncode != 0:
+                    failed.append(key)
     text = table(args)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "ablation_table.md"), "w") as f:
         f.write(text)
     print(text, flush=True)
+    if failed:
+        raise SystemExit(f"[ablation] failed runs (see their stdout.log): {failed}")
 
 
 if __name__ == "__main__":

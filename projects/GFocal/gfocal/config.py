@@ -84,6 +84,10 @@ def add_gfl_config(cfg: CN) -> None:
     # (gfocal/evaluation/precision_recall.py; the tree-crown community uses IoU 0.4). The
     # evaluator also reports the best-F1 score threshold of the evaluated dataset: choose
     # SCORE_THRESH on training images that way, then report validation at it.
+    # Training images flipped both ways and transposed at random, the 8 symmetries of the square
+    # (overhead imagery; gfocal/data/augmentation.py). Replaces INPUT.RANDOM_FLIP when True.
+    _C.INPUT.DIHEDRAL_AUGMENTATION = False
+
     _C.TEST.PRECISION_RECALL = CN()
     _C.TEST.PRECISION_RECALL.ENABLED = False
     _C.TEST.PRECISION_RECALL.IOU_THRESH = 0.4
