@@ -49,3 +49,54 @@ def test_cache_stays_within_its_budget():
 def test_cache_needs_a_fully_frozen_backbone():
     with pytest.raises(ValueError, match="FEATURE_CACHE_MB.*FREEZE_AT=5"):
         lite(cache_mb=100, freeze_at=3)
+
+
+def _counting(model):
+    calls = []
+    original = model._forward
+    model._forward = lambda t: calls.append(len(t)) or original(t)
+    return calls
+
+
+def test_disk_cache_is_shared_by_processes_with_the_same_weights(tmp_path):
+    x = torch.randn(2, 3, 64, 64)
+    first = lite(cache_mb=100)
+    first.feature_cache.directory = str(tmp_path)
+    want = first(x)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and all(f.endswith(".pt") for f in files)
+
+    second = EfficientNetLite(["c3", "c4", "c5"], freeze_at=5, feature_cache_mb=100, feature_cache_dir=str(tmp_path))
+    second.load_state_dict(first.state_dict())
+    calls = _counting(second.eval())
+    got = second(x)
+    assert calls == [] and second.feature_cache.disk_hits == 2
+    for k in want:
+        assert torch.equal(got[k], want[k])
+
+    # Other weights: other file names, nothing read from the first backbone's files.
+    other = lite(cache_mb=100)
+    with torch.no_grad():
+        other._conv_stem.weight.mul_(2)
+    other.feature_cache.directory = str(tmp_path)
+    calls = _counting(other)
+    other(x)
+    assert calls == [2] and len(list(tmp_path.iterdir())) == 4
+
+    # A damaged file is recomputed and rewritten, not read.
+    for p in tmp_path.iterdir():
+        p.write_bytes(b"garbage")
+    third = lite(cache_mb=100)
+    third.load_state_dict(first.state_dict())
+    third.feature_cache.directory = str(tmp_path)
+    calls = _counting(third)
+    got = third(x)
+    assert calls == [2]
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
+
+
+def test_cache_dir_without_cache_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="FEATURE_CACHE_DIR.*needs FEATURE_CACHE_MB > 0"):
+        EfficientNetLite(["c3"], freeze_at=5, feature_cache_dir=str(tmp_path))

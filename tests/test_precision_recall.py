@@ -57,3 +57,55 @@ def test_no_detections_and_no_gt():
     assert (r["precision"], r["recall"], r["f1"]) == (0.0, 0.0, 0.0)
     r = precision_recall([image([], [[0, 0, 5, 5]], [0.9])])
     assert (r["tp"], r["fp"], r["num_gt"]) == (0, 1, 0)
+
+
+def test_config_keys_add_the_evaluator_to_train_net(tmp_path):
+    import sys
+
+    import torch
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+    from detectron2.evaluation import DatasetEvaluators
+    from detectron2.structures import BoxMode, Boxes, Instances
+
+    from conftest import REPO_ROOT, tiny_cfg
+    from gfocal.evaluation import PrecisionRecallEvaluator
+
+    sys.path.insert(0, REPO_ROOT)
+    from train_net import Trainer
+
+    name = "pr_test_two_boxes"
+    if name not in DatasetCatalog.list():
+        annotations = [
+            {"bbox": [0, 0, 10, 10], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},
+            {"bbox": [20, 0, 30, 10], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},
+        ]
+        DatasetCatalog.register(
+            name, lambda: [{"file_name": "x.png", "image_id": 7, "height": 40, "width": 40,
+                            "annotations": annotations}]
+        )
+        MetadataCatalog.get(name).set(thing_classes=["tree"])
+    cfg = tiny_cfg()
+    cfg.TEST.PRECISION_RECALL.ENABLED = True
+    cfg.TEST.PRECISION_RECALL.IOU_THRESH = 0.5
+    cfg.TEST.PRECISION_RECALL.SCORE_THRESH = 0.5
+    evaluator = Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path))
+    assert isinstance(evaluator, DatasetEvaluators)
+    pr = [e for e in evaluator._evaluators if isinstance(e, PrecisionRecallEvaluator)]
+    assert len(pr) == 1 and (pr[0].iou, pr[0].score_thresh) == (0.5, 0.5)
+
+    inst = Instances((40, 40))
+    # A hit (IoU 1), a box of IoU 0.45 with the second GT (a miss at IoU 0.5), a low-score hit.
+    inst.pred_boxes = Boxes(torch.tensor([[0.0, 0, 10, 10], [20, 0, 30, 4.5], [20, 0, 30, 10]]))
+    inst.scores = torch.tensor([0.9, 0.8, 0.3])
+    inst.pred_classes = torch.zeros(3, dtype=torch.long)
+    pr[0].reset()
+    pr[0].process([{"image_id": 7}], [{"instances": inst}])
+    result = pr[0].evaluate()["pr"]
+    assert result["precision"] == pytest.approx(50.0) and result["recall"] == pytest.approx(50.0)
+    # Keeping the 0.3 detection finds the second crown: best F1 at the lowest threshold.
+    assert result["best_f1_score_thresh"] == pytest.approx(0.05)
+    assert result["best_f1_recall"] == pytest.approx(100.0)
+    assert (tmp_path / "precision_recall.json").is_file()
+
+    cfg.TEST.PRECISION_RECALL.ENABLED = False
+    assert not isinstance(Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path)), DatasetEvaluators)

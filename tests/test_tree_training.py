@@ -72,6 +72,10 @@ def test_main_job_short_run(tmp_path):
         assert 0.0 <= summary["metrics"][key] <= 100.0
         assert summary["metrics"][key] == summary["eval_only_metrics"][key]
     assert os.path.isfile(summary["checkpoint"])
+    # Precision/recall at IoU 0.4 on validation, at the best-F1 threshold of the training tiles.
+    pr = summary["precision_recall"]
+    assert pr["val"]["iou"] == 0.4 and pr["val"]["score_thresh"] == pr["train_chosen"]["best_f1_score_thresh"]
+    assert 0.0 <= pr["val"]["precision"] <= 100.0 and 0.0 <= pr["val"]["recall"] <= 100.0
     assert len(summary["images"]) == 2 and all(p.endswith(".png") for p in summary["images"])
     assert all(os.path.getsize(p) > 1000 for p in summary["images"])
     lines = [json.loads(x) for x in open(summary["metrics_json"])]

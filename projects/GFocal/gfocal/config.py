@@ -102,6 +102,10 @@ def add_gfl_config(cfg: CN) -> None:
     # compute the backbone only for unseen images (gfocal/modeling/feature_cache.py). Needs a
     # fully frozen backbone (FREEZE_AT 5, FrozenBN). 0: off.
     _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB = 0
+    # With FEATURE_CACHE_MB > 0: also keep the cached features as files in this folder, shared by
+    # processes (e.g. every run of tools/run_ablation.py); named by a hash of the backbone weights
+    # and of the input image. "": memory only.
+    _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR = ""
 
 
 def check_gfl_config(cfg) -> None:

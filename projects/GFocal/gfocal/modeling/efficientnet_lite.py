@@ -10,6 +10,7 @@ detectron2's ResNet. Parameter names follow the weights file so it loads as is.
 Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 and a fixed stem/head.
 Inputs are RGB scaled by (x - 127) / 128 (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` in the configs).
 """
+import hashlib
 import logging
 import math
 import os
@@ -105,6 +106,7 @@ class EfficientNetLite(Backbone):
         freeze_at: int = 0,
         norm: str = "FrozenBN",
         feature_cache_mb: int = 0,
+        feature_cache_dir: str = "",
     ):
         super().__init__()
         self._conv_stem, self._bn0 = _conv_bn(3, STEM_CHANNELS, 3, stride=2)
@@ -141,6 +143,11 @@ class EfficientNetLite(Backbone):
             raise ValueError(f"MODEL.EFFICIENTNET_LITE.NORM={norm!r} must be 'FrozenBN' or 'BN'")
         self.freeze(freeze_at)
         self.feature_cache = None
+        if feature_cache_dir and feature_cache_mb <= 0:
+            raise ValueError(
+                f"MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR={feature_cache_dir!r} needs "
+                f"FEATURE_CACHE_MB > 0 (got {feature_cache_mb})"
+            )
         if feature_cache_mb > 0:
             trainable = [n for n, p in self.named_parameters() if p.requires_grad]
             if trainable or norm != "FrozenBN":
@@ -149,7 +156,7 @@ class EfficientNetLite(Backbone):
                     "of a fully frozen backbone: it needs FREEZE_AT=5 and NORM='FrozenBN' (got "
                     f"FREEZE_AT={freeze_at}, NORM={norm!r}; trainable: {trainable[:3]}...)"
                 )
-            self.feature_cache = FeatureCache(feature_cache_mb)
+            self.feature_cache = FeatureCache(feature_cache_mb, feature_cache_dir)
 
     def freeze(self, freeze_at: int) -> None:
         if not 0 <= freeze_at <= 5:
@@ -168,8 +175,20 @@ class EfficientNetLite(Backbone):
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         if self.feature_cache is not None:
+            if not self.feature_cache.fingerprint:  # weights are final by the first forward
+                self.feature_cache.fingerprint = self.weights_fingerprint()
             return self.feature_cache(x, self._forward)
         return self._forward(x)
+
+    def weights_fingerprint(self) -> str:
+        """A hash of the architecture and every parameter and buffer: features cached on disk
+        are only reused by a backbone with the same weights."""
+        digest = hashlib.blake2b(digest_size=8)
+        digest.update(repr(self._out_features).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
     def _forward(self, x: Tensor) -> Dict[str, Tensor]:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -239,12 +258,16 @@ def _summarise(keys: List[str]) -> List[str]:
 @BACKBONE_REGISTRY.register()
 def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientNetLite:
     """EfficientNet-Lite0 from ``MODEL.EFFICIENTNET_LITE`` (OUT_FEATURES, FREEZE_AT, NORM, WEIGHTS,
-    FEATURE_CACHE_MB)."""
+    FEATURE_CACHE_MB, FEATURE_CACHE_DIR)."""
     ecfg = cfg.MODEL.EFFICIENTNET_LITE
     if input_shape.channels != 3:
         raise ValueError(f"EfficientNet-Lite0 takes 3 input channels, got {input_shape.channels}")
     model = EfficientNetLite(
-        list(ecfg.OUT_FEATURES), ecfg.FREEZE_AT, ecfg.NORM, ecfg.FEATURE_CACHE_MB
+        list(ecfg.OUT_FEATURES),
+        ecfg.FREEZE_AT,
+        ecfg.NORM,
+        ecfg.FEATURE_CACHE_MB,
+        ecfg.FEATURE_CACHE_DIR,
     )
     if ecfg.WEIGHTS:
         load_lite0_weights(model, ecfg.WEIGHTS)
