@@ -26,7 +26,8 @@ from typing import Dict, List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs/trees/gfl_lite0_trees.yaml")
 METRIC_KEYS = ("AP", "AP50", "AP75")
-PR_KEYS = ("precision", "recall", "f1")  # at IoU 0.4 and TEST.PRECISION_RECALL.SCORE_THRESH
+TRAIN_SET, VAL_SET = "neon_trees_train", "neon_trees_val"
+PR_KEYS = ("precision", "recall", "f1")  # at IoU 0.4, the score threshold chosen on training tiles
 
 # name -> (label in the table, config overrides)
 VARIANTS: Dict[str, tuple] = {
@@ -77,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-iter", type=int, default=None, help="iterations (default: the config's)")
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel, each its own process")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    p.add_argument(
+        "--feature-cache-dir",
+        default=os.path.join(REPO, "output/feature_cache"),
+        help="MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR of every run: the frozen backbone's "
+        "features are computed once for all runs (needs FEATURE_CACHE_MB > 0 in the config)",
+    )
     p.add_argument("--table-only", action="store_true", help="only (re)write the table")
     p.add_argument("--single", nargs=3, metavar=("VARIANT", "LR", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
@@ -153,6 +160,7 @@ def run_single(args: argparse.Namespace) -> None:
     from detectron2.engine import default_setup
 
     from gfocal import add_gfl_config
+    from gfocal.evaluation.precision_recall import coco_images, precision_recall
     from train_net import Trainer
 
     class AblationTrainer(Trainer):
@@ -168,8 +176,10 @@ def run_single(args: argparse.Namespace) -> None:
     add_gfl_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(
-        VARIANTS[variant][1] + schedule(args.max_iter) + args.opts
+        VARIANTS[variant][1] + schedule(args.max_iter)
+        + ["MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR", args.feature_cache_dir] + args.opts
         + ["SOLVER.BASE_LR", str(lr), "SEED", str(seed), "OUTPUT_DIR", out]
+        + ["DATASETS.TEST", f'("{TRAIN_SET}", "{VAL_SET}")', "TEST.PRECISION_RECALL.ENABLED", "True"]
     )
     cfg.freeze()
     default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False))
@@ -178,11 +188,16 @@ def run_single(args: argparse.Namespace) -> None:
     trainer = AblationTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()  # evaluates once at the end (TEST.EVAL_PERIOD 0) into the event storage
+    # The final evaluation ran on the training and the validation tiles: AP on validation;
+    # precision/recall at IoU 0.4 on validation at the best-F1 score threshold of the training
+    # tiles (chosen per run on training data: FL and QFL scores are calibrated differently).
     latest = trainer.storage.latest()
-    record = {k: float(latest[f"bbox/{k}"][0]) for k in METRIC_KEYS}
-    for k in PR_KEYS:
-        if f"pr/{k}" in latest:
-            record[k] = float(latest[f"pr/{k}"][0])
+    record = {k: float(latest[f"{VAL_SET}/bbox/{k}"][0]) for k in METRIC_KEYS}
+    thresh = float(latest[f"{TRAIN_SET}/pr/best_f1_score_thresh"][0])
+    with open(os.path.join(out, "inference", VAL_SET, "coco_instances_results.json")) as f:
+        detections = json.load(f)
+    pr = precision_recall(coco_images(VAL_SET, detections), cfg.TEST.PRECISION_RECALL.IOU_THRESH, thresh)
+    record.update({k: pr[k] for k in PR_KEYS}, score_thresh=thresh)
     record.update(
         variant=variant, lr=lr, seed=seed, max_iter=cfg.SOLVER.MAX_ITER,
         wall_s=time.perf_counter() - start,
@@ -244,7 +259,7 @@ def main(argv=None) -> None:
             cmd = [
                 sys.executable, os.path.abspath(__file__), "--single", variant, str(lr), str(seed),
                 "--config-file", args.config_file, "--output-dir", args.output_dir,
-                "--threads", str(args.threads),
+                "--threads", str(args.threads), "--feature-cache-dir", args.feature_cache_dir,
             ] + (["--max-iter", str(args.max_iter)] if args.max_iter else []) + args.opts
             log_dir = run_dir(args, variant, lr, seed)
             os.makedirs(log_dir, exist_ok=True)
