@@ -218,8 +218,8 @@ def table(args: argparse.Namespace) -> str:
     keys = METRIC_KEYS + PR_KEYS
     lr_cols = " | ".join(f"AP lr {lr:g}" for lr in args.lrs)
     rows = [
-        f"| variant | {lr_cols} | best lr | seeds | {' | '.join(keys)} |",
-        "|---|" + "---|" * len(args.lrs) + "---|---|" + "---|" * len(keys),
+        f"| variant | {lr_cols} | best lr | seeds | {' | '.join(keys)} | AP per seed |",
+        "|---|" + "---|" * len(args.lrs) + "---|---|" + "---|" * len(keys) + "---|",
     ]
     for variant in args.variants:
         sweep = [load_result(args, variant, lr, args.seeds[0]) for lr in args.lrs]
@@ -230,7 +230,8 @@ def table(args: argparse.Namespace) -> str:
         sweep_cells = [f"{r['AP']:.1f}" if r else "-" for r in sweep]
         rows.append(
             f"| {VARIANTS[variant][0]} | {' | '.join(sweep_cells)} | "
-            f"{'-' if lr is None else f'{lr:g}'} | {len(runs)} | {' | '.join(cells)} |"
+            f"{'-' if lr is None else f'{lr:g}'} | {len(runs)} | {' | '.join(cells)} | "
+            f"{' / '.join(format(r['AP'], '.1f') for r in runs)} |"
         )
     return "\n".join(rows) + "\n"
 
