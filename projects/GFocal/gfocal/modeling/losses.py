@@ -42,9 +42,15 @@ def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Te
 _LOG_MIN = -100.0
 
 
+def _clamped_log(x: Tensor) -> Tensor:
+    """``max(log(x), -100)`` for x in [0, 1] with a finite gradient (0 where x == 0)."""
+    tiny = torch.finfo(x.dtype).tiny
+    return torch.where(x > 0, x.clamp(min=tiny).log(), x.new_tensor(_LOG_MIN)).clamp(min=_LOG_MIN)
+
+
 def quality_focal_loss_on_log_scores(log_scores: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
     """Quality Focal Loss on a score given by its log, ``s = exp(log_scores)`` (GFLv2, where the
-    score is the product ``sigmoid(cls) x quality`` and no logit of it exists):
+    score is the product ``sigmoid(cls) x quality`` and no logit of it exists), paper Eq. (6):
     ``-|y - s|^beta * ((1 - y) log(1 - s) + y log(s))``.
 
     Runs in float32 whatever the input dtype, so it is safe under autocast (unlike
@@ -58,8 +64,7 @@ def quality_focal_loss_on_log_scores(log_scores: Tensor, targets: Tensor, beta: 
     """
     log_s = log_scores.float().clamp(max=0.0)
     targets = targets.float()
-    one_minus = (-torch.expm1(log_s)).clamp(min=torch.finfo(torch.float32).tiny)
-    log_1ms = one_minus.log().clamp(min=_LOG_MIN)
+    log_1ms = _clamped_log(-torch.expm1(log_s))
     bce = -(targets * log_s.clamp(min=_LOG_MIN) + (1.0 - targets) * log_1ms)
     modulating = (targets - log_s.exp()).abs().pow(beta)
     return bce * modulating
@@ -67,9 +72,9 @@ def quality_focal_loss_on_log_scores(log_scores: Tensor, targets: Tensor, beta: 
 
 def quality_focal_loss_on_scores(scores: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
     """Quality Focal Loss on probabilities ``s`` in [0, 1] (paper Eq. 6 with ``s`` given directly,
-    mmdetection's ``use_sigmoid=False``); see :func:`quality_focal_loss_on_log_scores`."""
-    scores = scores.float().clamp(min=torch.finfo(torch.float32).tiny, max=1.0)
-    return quality_focal_loss_on_log_scores(scores.log(), targets, beta)
+    mmdetection's ``use_sigmoid=False``); equals ``binary_cross_entropy(s, y) * |y - s|^beta``,
+    also at 0 and 1. See :func:`quality_focal_loss_on_log_scores`."""
+    return quality_focal_loss_on_log_scores(_clamped_log(scores.float()), targets, beta)
 
 
 def distribution_focal_loss(logits: Tensor, targets: Tensor) -> Tensor:
