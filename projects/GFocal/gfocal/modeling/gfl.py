@@ -41,7 +41,9 @@ class GFL(DenseDetector):
     """Generalized Focal Loss detector: ATSS assignment, a joint classification-IoU score trained
     by Quality Focal Loss and a general distribution per box edge trained by Distribution Focal
     Loss plus GIoU. The paper's ablations (Focal Loss, a separate quality branch, Dirac boxes,
-    no DFL) are switches of the same class; see :func:`gfocal.add_gfl_config`.
+    no DFL) are switches of the same class; see :func:`gfocal.add_gfl_config`. With
+    ``quality="dgqp"`` it is GFLv2: the score is ``sigmoid(cls) x`` the quality predicted from the
+    edge distributions (:class:`~gfocal.modeling.dgqp.DGQP`), trained by QFL on that product.
     """
 
     @configurable
