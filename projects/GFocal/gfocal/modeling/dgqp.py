@@ -27,7 +27,7 @@ def distribution_statistics(box_logits: Tensor, reg_max: int, topk: int, add_mea
         then (``add_mean``) their mean; the softmax runs in float32 (also under autocast).
     """
     n, c, h, w = box_logits.shape
-    if c != 4 * (reg_max + 1):
+    if not torch.jit.is_tracing() and c != 4 * (reg_max + 1):  # channels are fixed when traced
         raise ValueError(
             f"box logits have {c} channels, expected 4 * (MODEL.GFL.REG_MAX + 1) = {4 * (reg_max + 1)}"
         )
