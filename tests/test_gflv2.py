@@ -17,6 +17,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_model
 from detectron2.utils.events import EventStorage
 
 import gfocal
+from gfocal.config import check_gfl_config
 from conftest import REPO_ROOT, make_instances, tiny_cfg
 from gfocal import model_zoo
 from gfocal.conversion import (
@@ -178,6 +179,10 @@ def test_config_keys_and_errors():
     for overrides, message in bad:
         with pytest.raises(ValueError, match=message):
             build_model(tiny_cfg(**DGQP_OPTS, **overrides))
+    # GFL (v1) does not read the DGQP keys: a small REG_MAX with the default TOPK 4 still builds.
+    check_gfl_config(tiny_cfg(**{"MODEL.GFL.REG_MAX": 2}))
+    with pytest.raises(ValueError, match=r"MODEL\.GFL\.DGQP\.TOPK=4 .*= 3"):
+        check_gfl_config(tiny_cfg(**DGQP_OPTS, **{"MODEL.GFL.REG_MAX": 2}))
 
 
 def test_v1_model_has_no_dgqp_and_v2_adds_only_it():

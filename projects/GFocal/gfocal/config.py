@@ -139,7 +139,10 @@ def check_gfl_config(cfg) -> None:
 
 
 def _check_dgqp(gfl) -> None:
-    """``MODEL.GFL.DGQP``: sizes of the GFLv2 quality predictor (checked whatever QUALITY is)."""
+    """``MODEL.GFL.DGQP``: sizes of the GFLv2 quality predictor, checked when QUALITY is 'dgqp'
+    (other models do not use them: e.g. a GFL with REG_MAX 2 keeps building with TOPK 4)."""
+    if gfl.QUALITY != "dgqp":
+        return
     dgqp = gfl.DGQP
     for key, low, high in (("TOPK", 1, gfl.REG_MAX + 1), ("CHANNELS", 1, None)):
         value = dgqp[key]
@@ -150,7 +153,7 @@ def _check_dgqp(gfl) -> None:
             raise ValueError(f"MODEL.GFL.DGQP.{key}={value!r} must be an integer >= {low}{limit}")
     if not isinstance(dgqp.ADD_MEAN, bool):
         raise ValueError(f"MODEL.GFL.DGQP.ADD_MEAN={dgqp.ADD_MEAN!r} must be True or False")
-    if gfl.QUALITY == "dgqp" and gfl.BOX_REPRESENTATION != "distribution":
+    if gfl.BOX_REPRESENTATION != "distribution":
         raise ValueError(
             "MODEL.GFL.QUALITY='dgqp' reads the edge distributions: it needs "
             f"MODEL.GFL.BOX_REPRESENTATION='distribution' (got {gfl.BOX_REPRESENTATION!r})"
