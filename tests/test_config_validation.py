@@ -34,7 +34,7 @@ BAD_VALUES = [
     ("LOSS_DFL_WEIGHT", float("nan"), ">= 0"),
     ("LOSS_QUALITY_WEIGHT", -2.0, ">= 0"),
     ("CLS_LOSS", "GFL", "['QFL', 'FL']"),
-    ("QUALITY", "iou-aware", "['joint', 'centerness', 'iou', 'none']"),
+    ("QUALITY", "iou-aware", "['joint', 'centerness', 'iou', 'none', 'dgqp']"),
     ("BOX_REPRESENTATION", "gaussian", "['distribution', 'dirac']"),
     ("CHECKPOINT_HEAD_MISMATCH", "ignore", "['error', 'reinit']"),
     ("QFL_BETA", 0.5, "0 or a finite number >= 1"),

@@ -31,6 +31,7 @@ VARIANTS = {
         "MODEL.GFL.BOX_REPRESENTATION": "dirac",
     },
     "iou_branch": {"MODEL.GFL.CLS_LOSS": "FL", "MODEL.GFL.QUALITY": "iou"},
+    "gflv2_dgqp": {"MODEL.GFL.QUALITY": "dgqp"},
     "no_quality_no_dfl": {
         "MODEL.GFL.CLS_LOSS": "FL",
         "MODEL.GFL.QUALITY": "none",

@@ -5,7 +5,9 @@ from detectron2.config import CfgNode as CN
 
 # Allowed values of the string-valued switches, checked by ``GFL.from_config``.
 CLS_LOSSES = ("QFL", "FL")
-QUALITY_BRANCHES = ("joint", "centerness", "iou", "none")
+QUALITY_BRANCHES = ("joint", "centerness", "iou", "none", "dgqp")
+# Quality representations trained by QFL (a joint class-quality score); the others use Focal Loss.
+QFL_QUALITIES = ("joint", "dgqp")
 BOX_REPRESENTATIONS = ("distribution", "dirac")
 HEAD_MISMATCH_POLICIES = ("error", "reinit")  # see gfocal/checkpoint.py
 
@@ -40,7 +42,7 @@ def add_gfl_config(cfg: CN) -> None:
 
     # Representations and losses (paper Sec. 3).
     _C.MODEL.GFL.CLS_LOSS = "QFL"  # "QFL" | "FL"
-    _C.MODEL.GFL.QUALITY = "joint"  # "joint" | "centerness" | "iou" | "none"
+    _C.MODEL.GFL.QUALITY = "joint"  # "joint" | "centerness" | "iou" | "none" | "dgqp"
     _C.MODEL.GFL.BOX_REPRESENTATION = "distribution"  # "distribution" | "dirac"
     _C.MODEL.GFL.USE_DFL = True
     _C.MODEL.GFL.REG_MAX = 16  # bins 0..REG_MAX per edge, in units of the level's stride
@@ -51,6 +53,15 @@ def add_gfl_config(cfg: CN) -> None:
     _C.MODEL.GFL.LOSS_BOX_WEIGHT = 2.0  # GIoU
     _C.MODEL.GFL.LOSS_DFL_WEIGHT = 0.25
     _C.MODEL.GFL.LOSS_QUALITY_WEIGHT = 1.0  # separate centerness / IoU branch (BCE)
+
+    # GFLv2 (Li et al., CVPR 2021), QUALITY "dgqp": the Distribution-Guided Quality Predictor
+    # (gfocal/modeling/dgqp.py). Per edge the TOPK largest bin probabilities (and their mean with
+    # ADD_MEAN) -> 1x1 conv to CHANNELS -> ReLU -> 1x1 conv to 1 -> sigmoid = the quality I;
+    # the score is sigmoid(cls) x I, trained by QFL on that product. Paper defaults: 4, 64, True.
+    _C.MODEL.GFL.DGQP = CN()
+    _C.MODEL.GFL.DGQP.TOPK = 4
+    _C.MODEL.GFL.DGQP.CHANNELS = 64
+    _C.MODEL.GFL.DGQP.ADD_MEAN = True
 
     # Inference.
     _C.MODEL.GFL.SCORE_THRESH_TEST = 0.05
@@ -119,13 +130,14 @@ def check_gfl_config(cfg) -> None:
     for key, allowed in choices.items():
         if gfl[key] not in allowed:
             raise ValueError(f"MODEL.GFL.{key}={gfl[key]!r} is not one of {list(allowed)}")
-    if (gfl.CLS_LOSS == "QFL") != (gfl.QUALITY == "joint"):
+    if (gfl.CLS_LOSS == "QFL") != (gfl.QUALITY in QFL_QUALITIES):
         raise ValueError(
             f"MODEL.GFL.CLS_LOSS={gfl.CLS_LOSS!r} with MODEL.GFL.QUALITY={gfl.QUALITY!r}: the joint "
             "quality representation is trained by QFL and QFL needs it; use CLS_LOSS 'QFL' with "
-            "QUALITY 'joint', or CLS_LOSS 'FL' with QUALITY 'centerness', 'iou' or 'none'"
+            "QUALITY 'joint' or 'dgqp', or CLS_LOSS 'FL' with QUALITY 'centerness', 'iou' or 'none'"
         )
     _check_numbers(gfl)
+    _check_dgqp(gfl)
     if not gfl.IN_FEATURES:
         raise ValueError("MODEL.GFL.IN_FEATURES is empty; list the feature maps, e.g. p3..p7")
     if gfl.CHECKPOINT_HEAD_MISMATCH not in HEAD_MISMATCH_POLICIES:
@@ -144,6 +156,28 @@ def check_gfl_config(cfg) -> None:
         raise ValueError(
             f"{key}={conv_dim}: MODEL.GFL.NORM 'GN' uses 32 groups, so the head's channels must be "
             "a multiple of 32"
+        )
+
+
+def _check_dgqp(gfl) -> None:
+    """``MODEL.GFL.DGQP``: sizes of the GFLv2 quality predictor, checked when QUALITY is 'dgqp'
+    (other models do not use them: e.g. a GFL with REG_MAX 2 keeps building with TOPK 4)."""
+    if gfl.QUALITY != "dgqp":
+        return
+    dgqp = gfl.DGQP
+    for key, low, high in (("TOPK", 1, gfl.REG_MAX + 1), ("CHANNELS", 1, None)):
+        value = dgqp[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (
+            high is not None and value > high
+        ):
+            limit = f" and <= MODEL.GFL.REG_MAX + 1 = {high} (bins per edge)" if high else ""
+            raise ValueError(f"MODEL.GFL.DGQP.{key}={value!r} must be an integer >= {low}{limit}")
+    if not isinstance(dgqp.ADD_MEAN, bool):
+        raise ValueError(f"MODEL.GFL.DGQP.ADD_MEAN={dgqp.ADD_MEAN!r} must be True or False")
+    if gfl.BOX_REPRESENTATION != "distribution":
+        raise ValueError(
+            "MODEL.GFL.QUALITY='dgqp' reads the edge distributions: it needs "
+            f"MODEL.GFL.BOX_REPRESENTATION='distribution' (got {gfl.BOX_REPRESENTATION!r})"
         )
 
 

@@ -1,5 +1,6 @@
-"""Convert mmdetection GFL checkpoints (v1 = the official GFocal repository, v2, v3) to the state
-dict of :class:`gfocal.GFL` built with ``build_gfl_resnet_fpn_backbone``.
+"""Convert mmdetection GFL checkpoints (v1 = the official GFocal repository, v2, v3) and the
+official GFocalV2 checkpoints (mmdetection v2 layout plus the DGQP convs ``bbox_head.reg_conf.0``
+and ``.2``) to the state dict of :class:`gfocal.GFL` built with ``build_gfl_resnet_fpn_backbone``.
 
 Every source key is consumed exactly once (weights are renamed; ``num_batches_tracked`` counters,
 the fixed integral projection and mmdet's data-preprocessor buffers are checked and dropped) and,
@@ -20,6 +21,7 @@ __all__ = [
     "check_against_model",
     "load_mmdet_checkpoint",
     "convert_mmdet_gfl_checkpoint",
+    "check_dgqp_config",
 ]
 
 
@@ -36,6 +38,13 @@ class ConversionInfo:
     num_convs: int
     num_levels: int
     dropped: List[str] = field(default_factory=list)
+    # GFocalV2 (DGQP): input and hidden channels of bbox_head.reg_conf.0; 0 for a GFL (v1) head.
+    dgqp_inputs: int = 0
+    dgqp_channels: int = 0
+
+    @property
+    def is_gflv2(self) -> bool:
+        return self.dgqp_channels > 0
 
 
 _NORM_PARAMS = r"(weight|bias|running_mean|running_var)"
@@ -112,6 +121,9 @@ def _head_rules(norm: bool = True) -> List[Tuple[str, Callable[[re.Match], str]]
         (r"bbox_head\.gfl_cls\.(weight|bias)", lambda m: f"head.cls_score.{m[1]}"),
         (r"bbox_head\.gfl_reg\.(weight|bias)", lambda m: f"head.box_pred.{m[1]}"),
         (r"bbox_head\.scales\.(\d+)\.scale", lambda m: f"head.scales.{m[1]}.scale"),
+        # GFocalV2's DGQP: reg_conf = Sequential(conv 1x1, ReLU, conv 1x1, Sigmoid).
+        (r"bbox_head\.reg_conf\.0\.(weight|bias)", lambda m: f"head.dgqp.hidden.{m[1]}"),
+        (r"bbox_head\.reg_conf\.2\.(weight|bias)", lambda m: f"head.dgqp.out.{m[1]}"),
     ]
 
 
@@ -134,7 +146,17 @@ def _inspect_head(state_dict: Mapping[str, Tensor]) -> ConversionInfo:
         )
     convs = {int(m[1]) for k in state_dict if (m := re.match(r"bbox_head\.cls_convs\.(\d+)\.", k))}
     levels = {int(m[1]) for k in state_dict if (m := re.match(r"bbox_head\.scales\.(\d+)\.", k))}
-    return ConversionInfo(num_classes, reg_channels // 4 - 1, len(convs), len(levels))
+    info = ConversionInfo(num_classes, reg_channels // 4 - 1, len(convs), len(levels))
+    dgqp_keys = sorted(k for k in state_dict if k.startswith("bbox_head.reg_conf."))
+    if dgqp_keys:
+        hidden = state_dict.get("bbox_head.reg_conf.0.weight")
+        if hidden is None or hidden.dim() != 4 or hidden.shape[2:] != (1, 1):
+            raise ConversionError(
+                f"GFocalV2 keys {dgqp_keys} without a 1x1 conv bbox_head.reg_conf.0.weight: "
+                "not the DGQP layout (conv 1x1, ReLU, conv 1x1, Sigmoid)"
+            )
+        info.dgqp_channels, info.dgqp_inputs = int(hidden.shape[0]), int(hidden.shape[1])
+    return info
 
 
 def _check_dropped(key: str, value: Tensor, reg_max: int) -> None:
@@ -212,6 +234,32 @@ def convert_mmdet_gfl_state_dict(
     return converted, info
 
 
+def check_dgqp_config(info: ConversionInfo, cfg) -> None:
+    """Require a GFocalV2 checkpoint for a ``MODEL.GFL.QUALITY 'dgqp'`` config and a GFL (v1) one
+    otherwise, with the DGQP sizes of the config (``MODEL.GFL.DGQP``)."""
+    gfl = cfg.MODEL.GFL
+    if info.is_gflv2 and gfl.QUALITY != "dgqp":
+        raise ConversionError(
+            "the checkpoint is a GFocalV2 model (it has the DGQP convs bbox_head.reg_conf.*), the "
+            f"config MODEL.GFL.QUALITY={gfl.QUALITY!r}; use a GFocalV2 config "
+            "(configs/mmdet/gfocalv2_*.yaml) or MODEL.GFL.QUALITY dgqp"
+        )
+    if not info.is_gflv2 and gfl.QUALITY == "dgqp":
+        raise ConversionError(
+            "the config has MODEL.GFL.QUALITY='dgqp' but the checkpoint has no DGQP convs "
+            "(bbox_head.reg_conf.0/.2): it is a GFL (v1) model; use a configs/mmdet/gfl_*.yaml config"
+        )
+    if info.is_gflv2:
+        inputs = 4 * (gfl.DGQP.TOPK + int(gfl.DGQP.ADD_MEAN))
+        if (info.dgqp_inputs, info.dgqp_channels) != (inputs, gfl.DGQP.CHANNELS):
+            raise ConversionError(
+                f"bbox_head.reg_conf.0.weight maps {info.dgqp_inputs} statistics to "
+                f"{info.dgqp_channels} channels; the config's DGQP maps 4 * (MODEL.GFL.DGQP.TOPK="
+                f"{gfl.DGQP.TOPK} + MODEL.GFL.DGQP.ADD_MEAN={gfl.DGQP.ADD_MEAN}) = {inputs} to "
+                f"MODEL.GFL.DGQP.CHANNELS={gfl.DGQP.CHANNELS}"
+            )
+
+
 def check_against_model(converted: Mapping[str, Tensor], model_state: Mapping[str, Tensor]) -> None:
     """Require every model key filled and every converted key used, with equal shapes."""
     missing = sorted(set(model_state) - set(converted))
@@ -273,6 +321,7 @@ def convert_mmdet_gfl_checkpoint(src: str, dst: str, cfg, allow_pickle: bool = F
     converted, info = convert_mmdet_gfl_state_dict(
         state_dict, num_classes=cfg.MODEL.GFL.NUM_CLASSES, reg_max=cfg.MODEL.GFL.REG_MAX
     )
+    check_dgqp_config(info, cfg)
     with torch.device("meta"):  # names and shapes only: no memory, no initialisation cost
         model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
     check_against_model(converted, model.state_dict())

@@ -4,6 +4,10 @@
     model = model_zoo.get("mmdet/gfl_R_50_FPN_1x")            # converted weights, eval mode
     cfg = model_zoo.get_config("mmdet/gfl_R_50_FPN_1x")       # for DefaultPredictor(cfg)
 
+GFocalV2 (GFLv2, DGQP) models are ``model_zoo.get("mmdet/gfocalv2_R_50_FPN_1x")`` etc.
+(:data:`GFLV2_MODELS`): their authors publish them only as Google Drive links, with no file name
+and no checksum, so they are not downloaded: the error names the link and where to put the file.
+
 The first call downloads the mmdetection checkpoint into the cache (``$GFOCAL_CACHE``, default
 ``~/.cache/gfocal``; or the ``cache_dir`` argument), checks it against the sha256 prefix in its
 file name, converts it once (``converted/<name>.pth``) and reuses it afterwards. Without network
@@ -21,7 +25,7 @@ from detectron2.config import CfgNode, get_cfg
 
 from .config import add_gfl_config
 
-__all__ = ["ZooEntry", "MODELS", "list_models", "get_config_file", "get_config", "get_checkpoint", "get"]
+__all__ = ["ZooEntry", "MODELS", "GFLV2_MODELS", "list_models", "get_config_file", "get_config", "get_checkpoint", "get"]
 
 _URL_BASE = "https://download.openmmlab.com/mmdetection/v2.0/gfl/"
 
@@ -34,10 +38,17 @@ class ZooEntry:
     url: str
     ap: float
     opts: Tuple[str, ...] = ()  # config overrides, KEY VALUE ...
+    # For a link that is a web page, not a file (Google Drive): the name the downloaded file is
+    # given in the cache. Such files are fetched by hand and have no published checksum.
+    cache_name: str = ""
 
     @property
     def filename(self) -> str:
-        return self.url.rsplit("/", 1)[-1]
+        return self.cache_name or self.url.rsplit("/", 1)[-1]
+
+    @property
+    def manual_download(self) -> bool:
+        return bool(self.cache_name)
 
 
 def _entry(config: str, path: str, ap: float) -> ZooEntry:
@@ -79,16 +90,53 @@ MODELS: Dict[str, ZooEntry] = {
 }
 
 
+_GDRIVE = "https://drive.google.com/file/d/{}/view?usp=sharing"
+
+
+def _gflv2(config: str, drive_id: str, ap: float, published_name: str) -> ZooEntry:
+    return ZooEntry(f"mmdet/{config}.yaml", _GDRIVE.format(drive_id), ap, cache_name=published_name + ".pth")
+
+
+# GFocalV2 README (implus/GFocalV2): model name, COCO minival AP, Google Drive link. The cache
+# name is the README's model name + ".pth" (the README gives no file names). Its Res2Net-101 model
+# (GFocal_R2_101_dcnv2_FPN_2x) is not here: this project has no Res2Net backbone.
+GFLV2_MODELS: Dict[str, ZooEntry] = {
+    "mmdet/gfocalv2_R_50_FPN_1x": _gflv2(
+        "gfocalv2_R_50_FPN_1x", "1wSE9-c7tcQwIDPC6Vm_yfOokdPfmYmy7", 41.0, "GFocal_R_50_FPN_1x"
+    ),
+    "mmdet/gfocalv2_R_50_FPN_ms2x": _gflv2(
+        "gfocalv2_R_50_FPN_ms2x", "17-1cKRdR5J3SfZ9NBCwe6QE554uTS30F", 43.9, "GFocal_R_50_FPN_2x"
+    ),
+    "mmdet/gfocalv2_R_101_FPN_ms2x": _gflv2(
+        "gfocalv2_R_101_FPN_ms2x", "1qomgA7mzKW0bwybtG4Avqahv67FUxmNx", 45.8, "GFocal_R_101_FPN_2x"
+    ),
+    "mmdet/gfocalv2_R_101_dconv_c3-c5_FPN_ms2x": _gflv2(
+        "gfocalv2_R_101_dconv_c3-c5_FPN_ms2x",
+        "1xsBjxmqsJoYZYPMr0k06X5K9nnPrexcx",
+        48.0,
+        "GFocal_R_101_dcnv2_FPN_2x",
+    ),
+    "mmdet/gfocalv2_X_101_32x4d_dconv_c4-c5_FPN_ms2x": _gflv2(
+        "gfocalv2_X_101_32x4d_dconv_c4-c5_FPN_ms2x",
+        "1AHDVQoclYPSP0Ync2a5FCsr_rhq2QdMH",
+        48.8,
+        "GFocal_X_101_dcnv2_FPN_2x",
+    ),
+}
+
+
 def list_models() -> List[str]:
-    return sorted(MODELS)
+    """Names of the GFL (mmdetection) and GFocalV2 zoo models."""
+    return sorted(MODELS) + sorted(GFLV2_MODELS)
 
 
 def _lookup(name: str) -> Tuple[str, ZooEntry]:
     key = name[: -len(".yaml")] if name.endswith(".yaml") else name
     key = key if key.startswith("mmdet/") else f"mmdet/{key}"
-    if key not in MODELS:
+    entry = MODELS.get(key) or GFLV2_MODELS.get(key)
+    if entry is None:
         raise KeyError(f"{name!r} is not in gfocal.model_zoo; available: {list_models()}")
-    return key, MODELS[key]
+    return key, entry
 
 
 def _configs_root() -> str:
@@ -134,9 +182,12 @@ def _sha256_prefix_ok(path: str, filename: str) -> bool:
     return digest.hexdigest().startswith(m[1])
 
 
-def get_checkpoint(name: str, cache_dir: Optional[str] = None, download: bool = True) -> str:
+def get_checkpoint(
+    name: str, cache_dir: Optional[str] = None, download: bool = True, allow_pickle: bool = False
+) -> str:
     """Path of the converted detectron2 checkpoint of a zoo model, fetching and converting it
-    the first time."""
+    the first time. ``allow_pickle``: read pickled objects from a file that has no published
+    checksum (GFocalV2's; trusted files only); verified mmdetection files always may."""
     from .conversion import convert_mmdet_gfl_checkpoint
 
     key, entry = _lookup(name)
@@ -144,7 +195,14 @@ def get_checkpoint(name: str, cache_dir: Optional[str] = None, download: bool = 
     converted = os.path.join(root, "converted", key.split("/", 1)[1] + ".pth")
     if os.path.isfile(converted):
         return converted
-    original = os.path.join(root, "mmdet", entry.filename)
+    original = os.path.join(root, "gfocalv2" if entry.manual_download else "mmdet", entry.filename)
+    if entry.manual_download and not os.path.isfile(original):
+        raise FileNotFoundError(
+            f"the checkpoint of {key} is not in the cache. The GFocalV2 authors publish it only as "
+            f"a Google Drive link (no file name, no checksum), which cannot be fetched "
+            f"automatically. Open\n  {entry.url}\ndownload the file and put it at\n  {original}\n"
+            "(or set GFOCAL_CACHE / cache_dir to the folder holding gfocalv2/<file>)"
+        )
     if not os.path.isfile(original):
         error = "download=False"
         if download:
@@ -159,15 +217,16 @@ def get_checkpoint(name: str, cache_dir: Optional[str] = None, download: bool = 
                 f"({error}). Fetch\n  {entry.url}\nand put it at\n  {original}\n"
                 "(or set GFOCAL_CACHE / cache_dir to the folder holding mmdet/<file>)"
             )
-    if not _sha256_prefix_ok(original, entry.filename):
+    if not entry.manual_download and not _sha256_prefix_ok(original, entry.filename):
         raise ValueError(
             f"{original}: its sha256 does not start with the digits in its name; it is not the "
             f"published file (incomplete download?). Delete it and fetch {entry.url} again."
         )
     os.makedirs(os.path.dirname(converted), exist_ok=True)
     partial = converted + ".partial"
-    # The published file is verified above, so its pickled metadata may be read.
-    convert_mmdet_gfl_checkpoint(original, partial, _base_config(key), allow_pickle=True)
+    # A published file verified above may have its pickled metadata read; an unverified one not.
+    trusted = allow_pickle or not entry.manual_download
+    convert_mmdet_gfl_checkpoint(original, partial, _base_config(key), allow_pickle=trusted)
     os.replace(partial, converted)
     return converted
 

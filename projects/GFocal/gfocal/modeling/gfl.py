@@ -27,6 +27,7 @@ from .losses import (
     distribution_focal_loss,
     giou_loss,
     quality_focal_loss,
+    quality_focal_loss_on_log_scores,
     sigmoid_focal_loss,
 )
 
@@ -40,7 +41,9 @@ class GFL(DenseDetector):
     """Generalized Focal Loss detector: ATSS assignment, a joint classification-IoU score trained
     by Quality Focal Loss and a general distribution per box edge trained by Distribution Focal
     Loss plus GIoU. The paper's ablations (Focal Loss, a separate quality branch, Dirac boxes,
-    no DFL) are switches of the same class; see :func:`gfocal.add_gfl_config`.
+    no DFL) are switches of the same class; see :func:`gfocal.add_gfl_config`. With
+    ``quality="dgqp"`` it is GFLv2: the score is ``sigmoid(cls) x`` the quality predicted from the
+    edge distributions (:class:`~gfocal.modeling.dgqp.DGQP`), trained by QFL on that product.
     """
 
     @configurable
@@ -226,13 +229,15 @@ class GFL(DenseDetector):
         """
         Args:
             anchors: (R, 4) anchors of all levels; strides: (R,) their levels' strides.
-            logits: (N, R, C); box_logits: (N, R, box_dim); quality: (N, R) or None.
+            logits: (N, R, C); box_logits: (N, R, box_dim); quality: (N, R) logits of the quality
+                branch or of the DGQP (the score is then sigmoid(logits) x sigmoid(quality)), or None.
             matched: (N, R) matched GT index or -1 (:func:`atss_assign`).
             gt_boxes: (N, G, 4) padded GT boxes; gt_classes: (N, G).
 
         Classification is summed over all anchors and classes and divided by the number of
         positives; GIoU and DFL of each positive are weighted (by the detached max class score
-        with the joint representation, by the centerness target with a centerness branch, else 1)
+        with the joint representation or DGQP, by the centerness target with a centerness branch,
+        else 1)
         and divided by the sum of the weights. Both normalisers are averaged over workers.
         """
         num_images = logits.shape[0]
@@ -256,7 +261,13 @@ class GFL(DenseDetector):
 
         # Classification: QFL on the joint class-IoU target, or Focal Loss on one-hot labels.
         cls_targets = torch.zeros_like(logits, dtype=torch.float32)
-        if self.cls_loss == "QFL":
+        log_scores = None
+        if self.cls_loss == "QFL" and self.quality == "dgqp":
+            # GFLv2: QFL on the product score sigmoid(cls) x sigmoid(DGQP), taken through its log.
+            cls_targets[pos_img, pos_anchor, pos_classes] = pos_ious
+            log_scores = F.logsigmoid(logits.float()) + F.logsigmoid(quality.float())[..., None]
+            loss_cls = quality_focal_loss_on_log_scores(log_scores, cls_targets, self.qfl_beta).sum()
+        elif self.cls_loss == "QFL":
             cls_targets[pos_img, pos_anchor, pos_classes] = pos_ious
             loss_cls = quality_focal_loss(logits, cls_targets, self.qfl_beta).sum()
         else:
@@ -273,6 +284,8 @@ class GFL(DenseDetector):
         # Box: per-positive weights, normalised by their sum.
         if self.quality == "joint":
             weights = logits[pos_img, pos_anchor].detach().float().sigmoid().amax(dim=1)
+        elif self.quality == "dgqp":  # the detached final score
+            weights = log_scores[pos_img, pos_anchor].detach().amax(dim=1).exp()
         elif self.quality == "centerness":
             weights = centerness
         else:
@@ -287,7 +300,7 @@ class GFL(DenseDetector):
             losses["loss_dfl"] = (dfl.view(-1, 4).mean(dim=1) * weights).sum() / weight_sum
 
         # Separate quality branch (ablations): BCE to the centerness target or to the IoU.
-        if quality is not None:
+        if quality is not None and self.quality in ("centerness", "iou"):
             target = centerness if self.quality == "centerness" else pos_ious
             losses["loss_quality"] = (
                 F.binary_cross_entropy_with_logits(

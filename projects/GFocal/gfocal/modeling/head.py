@@ -8,6 +8,8 @@ from torch import Tensor, nn
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 
+from .dgqp import DGQP
+
 __all__ = ["GFLHead", "Scale"]
 
 
@@ -39,7 +41,8 @@ class GFLHead(nn.Module):
     conv to ``num_classes`` logits (the joint class-IoU score under QFL); on the box tower a 3x3
     conv to ``4 * (reg_max + 1)`` distribution logits (or 4 distances for the Dirac variant),
     multiplied by a learnable per-level :class:`Scale`, and optionally a 3x3 conv to one
-    quality logit (the centerness or IoU branch of the ablations).
+    quality logit (the centerness or IoU branch of the ablations) or GFLv2's :class:`DGQP`, which
+    computes the quality logit from the (scaled) box distributions instead of from features.
     """
 
     @configurable
@@ -54,14 +57,18 @@ class GFLHead(nn.Module):
         conv_dim: int = 256,
         norm: str = "GN",
         prior_prob: float = 0.01,
+        dgqp: Optional[DGQP] = None,
     ):
         """
         Args:
             input_shape: shapes of the input feature maps, one per level (same channels).
             box_dim: outputs of the box conv per location: ``4 * (reg_max + 1)`` or 4.
             with_quality_branch: add the separate centerness / IoU output.
+            dgqp: GFLv2's quality predictor on the box distributions (exclusive with the above).
         """
         super().__init__()
+        if dgqp is not None and with_quality_branch:
+            raise ValueError("GFLHead: a DGQP and a separate quality branch are exclusive")
         in_channels = {s.channels for s in input_shape}
         if len(in_channels) != 1:
             raise ValueError(f"GFLHead needs the same channels on every level, got {in_channels}")
@@ -74,6 +81,7 @@ class GFLHead(nn.Module):
         self.box_pred = nn.Conv2d(conv_dim, box_dim, 3, padding=1)
         self.quality = nn.Conv2d(conv_dim, 1, 3, padding=1) if with_quality_branch else None
         self.scales = nn.ModuleList([Scale(1.0) for _ in range(self.num_levels)])
+        self.dgqp = dgqp
 
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -95,6 +103,9 @@ class GFLHead(nn.Module):
             "conv_dim": gfl.CONV_DIM,
             "norm": gfl.NORM,
             "prior_prob": gfl.PRIOR_PROB,
+            "dgqp": DGQP(gfl.REG_MAX, gfl.DGQP.TOPK, gfl.DGQP.CHANNELS, gfl.DGQP.ADD_MEAN)
+            if gfl.QUALITY == "dgqp"
+            else None,
         }
 
     def forward(
@@ -103,7 +114,7 @@ class GFLHead(nn.Module):
         """
         Returns:
             per-level lists of (N, C, Hi, Wi) class logits, (N, box_dim, Hi, Wi) box logits and,
-            with a quality branch, (N, 1, Hi, Wi) quality logits (else None).
+            with a quality branch or a DGQP, (N, 1, Hi, Wi) quality logits (else None).
         """
         if len(features) != self.num_levels:
             raise ValueError(f"GFLHead built for {self.num_levels} levels, got {len(features)}")
@@ -115,4 +126,7 @@ class GFLHead(nn.Module):
             box_logits.append(scale(self.box_pred(box_feature)))
             if self.quality is not None:
                 quality.append(self.quality(box_feature))
-        return logits, box_logits, (quality if self.quality is not None else None)
+            elif self.dgqp is not None:
+                quality.append(self.dgqp(box_logits[-1]))
+        with_quality = self.quality is not None or self.dgqp is not None
+        return logits, box_logits, (quality if with_quality else None)

@@ -10,6 +10,8 @@ from detectron2.utils import comm
 
 __all__ = [
     "quality_focal_loss",
+    "quality_focal_loss_on_scores",
+    "quality_focal_loss_on_log_scores",
     "distribution_focal_loss",
     "sigmoid_focal_loss",
     "aligned_iou",
@@ -33,6 +35,46 @@ def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Te
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     modulating = (targets - logits.sigmoid()).abs().pow(beta)
     return bce * modulating
+
+
+# Smallest log of a probability, as torch's binary_cross_entropy clamps it (keeps the loss finite
+# where a score is exactly 0 or 1).
+_LOG_MIN = -100.0
+
+
+def _clamped_log(x: Tensor) -> Tensor:
+    """``max(log(x), -100)`` for x in [0, 1] with a finite gradient (0 where x == 0)."""
+    tiny = torch.finfo(x.dtype).tiny
+    return torch.where(x > 0, x.clamp(min=tiny).log(), x.new_tensor(_LOG_MIN)).clamp(min=_LOG_MIN)
+
+
+def quality_focal_loss_on_log_scores(log_scores: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
+    """Quality Focal Loss on a score given by its log, ``s = exp(log_scores)`` (GFLv2, where the
+    score is the product ``sigmoid(cls) x quality`` and no logit of it exists), paper Eq. (6):
+    ``-|y - s|^beta * ((1 - y) log(1 - s) + y log(s))``.
+
+    Runs in float32 whatever the input dtype, so it is safe under autocast (unlike
+    ``binary_cross_entropy``, which autocast refuses); ``log(1 - s)`` is taken as
+    ``log(-expm1(log s))``, exact for small scores, and both logs are clamped at -100 as
+    ``binary_cross_entropy`` does: finite losses and gradients for scores of exactly 0 and 1.
+
+    Args:
+        log_scores: (..., C) log of scores in [0, 1], e.g. ``logsigmoid(cls) + logsigmoid(quality)``.
+        targets: same shape, the soft targets ``y`` in [0, 1].
+    """
+    log_s = log_scores.float().clamp(max=0.0)
+    targets = targets.float()
+    log_1ms = _clamped_log(-torch.expm1(log_s))
+    bce = -(targets * log_s.clamp(min=_LOG_MIN) + (1.0 - targets) * log_1ms)
+    modulating = (targets - log_s.exp()).abs().pow(beta)
+    return bce * modulating
+
+
+def quality_focal_loss_on_scores(scores: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
+    """Quality Focal Loss on probabilities ``s`` in [0, 1] (paper Eq. 6 with ``s`` given directly,
+    mmdetection's ``use_sigmoid=False``); equals ``binary_cross_entropy(s, y) * |y - s|^beta``,
+    also at 0 and 1. See :func:`quality_focal_loss_on_log_scores`."""
+    return quality_focal_loss_on_log_scores(_clamped_log(scores.float()), targets, beta)
 
 
 def distribution_focal_loss(logits: Tensor, targets: Tensor) -> Tensor:
