@@ -51,6 +51,11 @@ VARIANTS: Dict[str, tuple] = {
         ["MODEL.GFL.CLS_LOSS", "QFL", "MODEL.GFL.QUALITY", "joint",
          "MODEL.GFL.BOX_REPRESENTATION", "distribution", "MODEL.GFL.USE_DFL", "True"],
     ),
+    "gflv2": (
+        "GFLv2 (GFL + DGQP quality from the distributions)",
+        ["MODEL.GFL.CLS_LOSS", "QFL", "MODEL.GFL.QUALITY", "dgqp",
+         "MODEL.GFL.BOX_REPRESENTATION", "distribution", "MODEL.GFL.USE_DFL", "True"],
+    ),
     "retinanet": (
         "detectron2 RetinaNet (9 anchors, FL + smooth-L1)",
         ["MODEL.META_ARCHITECTURE", "RetinaNet", "MODEL.RETINANET.NUM_CLASSES", "1",
