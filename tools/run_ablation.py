@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs/trees/gfl_lite0_trees.yaml")
@@ -241,6 +241,44 @@ def table(args: argparse.Namespace) -> str:
     return "\n".join(rows) + "\n"
 
 
+def spike_table(args: argparse.Namespace) -> str:
+    """Per variant and swept lr (first seed): the largest classification loss between warm-up and
+    the first lr step over its median (a blow-up shows as a large ratio), and the mean IoU of
+    the positives' predicted boxes at the end (GFL variants log it as ``pos_iou``)."""
+    rows = [
+        "| variant | " + " | ".join(f"lr {lr:g}: max/median loss_cls, final pos IoU" for lr in args.lrs) + " |",
+        "|---|" + "---|" * len(args.lrs),
+    ]
+    for variant in args.variants:
+        cells = []
+        for lr in args.lrs:
+            path = os.path.join(run_dir(args, variant, lr, args.seeds[0]), "metrics.json")
+            if not os.path.isfile(path):
+                cells.append("-")
+                continue
+            with open(path) as f:
+                logged = [json.loads(line) for line in f if line.strip()]
+            key = "loss_fcos_cls" if any("loss_fcos_cls" in r for r in logged) else "loss_cls"
+            logged = [r for r in logged if key in r]
+            warmup, first_step = _solver_marks(path)
+            losses = [r[key] for r in logged if warmup <= r["iteration"] < first_step]
+            ious = [r["pos_iou"] for r in logged if "pos_iou" in r]
+            ratio = max(losses) / statistics.median(losses) if losses else float("nan")
+            cells.append(f"{ratio:.2f}" + (f", {ious[-1]:.3f}" if ious else ""))
+        rows.append(f"| {VARIANTS[variant][0]} | {' | '.join(cells)} |")
+    return "\n".join(rows) + "\n"
+
+
+def _solver_marks(metrics_path: str) -> Tuple[int, int]:
+    """Warm-up length and first lr step of a run, from the config it saved next to its metrics."""
+    with open(os.path.join(os.path.dirname(metrics_path), "config.yaml")) as f:
+        text = f.read()
+    import yaml
+
+    solver = yaml.safe_load(text)["SOLVER"]
+    return int(solver["WARMUP_ITERS"]), int(min(solver["STEPS"]))
+
+
 def pending_runs(args: argparse.Namespace) -> List[tuple]:
     """(variant, lr, seed) still to run: the sweep first, then the other seeds at the best lr."""
     todo = [(v, lr, args.seeds[0]) for v in args.variants for lr in args.lrs]
@@ -285,7 +323,7 @@ def main(argv=None) -> None:
                 print(f"[ablation] {status}: {key[0]} lr {key[1]:g} seed {key[2]}", flush=True)
                 if proc.returncode != 0:
                     failed.append(key)
-    text = table(args)
+    text = table(args) + "\n" + spike_table(args)
     os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "ablation_table.md"), "w") as f:
         f.write(text)
