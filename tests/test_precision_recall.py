@@ -109,3 +109,11 @@ def test_config_keys_add_the_evaluator_to_train_net(tmp_path):
 
     cfg.TEST.PRECISION_RECALL.ENABLED = False
     assert not isinstance(Trainer.build_evaluator(cfg, name, output_folder=str(tmp_path)), DatasetEvaluators)
+
+
+def test_median_iou_of_the_hits():
+    gt = [[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10]]
+    # IoUs 1.0, 0.5 and 0.8 with their GTs; one miss far away (not a hit, not counted).
+    dets = [[0, 0, 10, 10], [20, 0, 30, 5], [40, 0, 50, 8], [90, 90, 99, 99]]
+    r = precision_recall([image(gt, dets, [0.9, 0.8, 0.7, 0.6])], iou=0.4)
+    assert r["tp"] == 3 and r["median_hit_iou"] == pytest.approx(0.8)

@@ -95,13 +95,16 @@ IGNORED_COLOR = (0.6, 0.6, 0.6)  # grey: crowns cut by the tile border (iscrowd,
 PRED_COLOR = (1.0, 0.1, 0.1)  # red: predictions, labelled with their score
 
 
-def validation_precision_recall(results_json: str, iou: float, score_thresh: float) -> Dict[str, float]:
-    """Precision/recall/F1 of the validation detections at ``iou`` and ``score_thresh``."""
+def split_precision_recall(
+    dataset: str, results_json: str, iou: float, score_thresh: float
+) -> Dict[str, float]:
+    """Precision/recall/F1 (and median IoU of the hits) of a split's COCOEvaluator detections
+    at ``iou`` and ``score_thresh``."""
     from gfocal.evaluation.precision_recall import coco_images, precision_recall
 
     with open(results_json) as f:
         detections = json.load(f)
-    return precision_recall(coco_images("neon_trees_val", detections), iou, score_thresh)
+    return precision_recall(coco_images(dataset, detections), iou, score_thresh)
 
 
 def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: float) -> List[str]:
@@ -205,8 +208,15 @@ def main(argv=None) -> Dict[str, float]:
     with open(os.path.join(eval_dir, "inference", "neon_trees_train", "precision_recall.json")) as f:
         train_pr = json.load(f)
     score_thresh = train_pr["best_f1_score_thresh"]
-    val_pr = validation_precision_recall(
-        os.path.join(eval_dir, results_name), train_pr["iou"], score_thresh
+    val_pr = split_precision_recall(
+        "neon_trees_val", os.path.join(eval_dir, results_name), train_pr["iou"], score_thresh
+    )
+    train_results = os.path.join("inference", "neon_trees_train", "coco_instances_results.json")
+    train_at = split_precision_recall(
+        "neon_trees_train", os.path.join(eval_dir, train_results), train_pr["iou"], score_thresh
+    )
+    train_metrics = coco_metrics(
+        os.path.join(data_root, "instances_train.json"), os.path.join(eval_dir, train_results)
     )
 
     # 4. Draw.
@@ -232,7 +242,8 @@ def main(argv=None) -> Dict[str, float]:
     summary = {
         "metrics": metrics,
         "eval_only_metrics": metrics_again,
-        "precision_recall": {"train_chosen": train_pr, "val": val_pr},
+        "precision_recall": {"train_chosen": train_pr, "train": train_at, "val": val_pr},
+        "train_metrics": train_metrics,
         "times": times,
         "checkpoint": weights,
         "metrics_json": os.path.join(train_dir, "metrics.json"),
@@ -250,6 +261,13 @@ def main(argv=None) -> Dict[str, float]:
     print(
         "  at IoU {iou:g}, score >= {score_thresh:.2f} (best F1 on the training tiles): "
         "precision {precision:.1f}  recall {recall:.1f}  F1 {f1:.1f}".format(**val_pr)
+    )
+    print(
+        "  training tiles (for comparison): "
+        + "   ".join(f"{k} {train_metrics[k]:.1f}" for k in METRIC_KEYS)
+        + "   F1 {f1:.1f}; median IoU of the hits: train {tiou:.2f}, validation {viou:.2f}".format(
+            f1=train_at["f1"], tiou=train_at["median_hit_iou"], viou=val_pr["median_hit_iou"]
+        )
     )
     print(f"  --eval-only with the checkpoint: same AP (largest difference {diff:.2g})")
     print(

@@ -27,18 +27,23 @@ logger = logging.getLogger(__name__)
 
 
 def match_detections(
-    gt_boxes: np.ndarray, gt_crowd: np.ndarray, boxes: np.ndarray, scores: np.ndarray, iou: float
-) -> np.ndarray:
+    gt_boxes: np.ndarray,
+    gt_crowd: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    iou: float,
+    return_ious: bool = False,
+):
     """Greedy matching of one image's detections (XYXY, any order) in decreasing score order.
 
     Returns an int array per detection: 1 true positive, 0 false positive, -1 ignored (matched
-    only a crowd region)."""
+    only a crowd region); with ``return_ious`` also the IoU of each true positive with its GT
+    (0 elsewhere)."""
     order = np.argsort(-scores, kind="stable")
     outcome = np.zeros(len(boxes), dtype=np.int64)
-    if len(boxes) == 0:
-        return outcome
-    if len(gt_boxes) == 0:
-        return outcome
+    matched_iou = np.zeros(len(boxes), dtype=np.float64)
+    if len(boxes) == 0 or len(gt_boxes) == 0:
+        return (outcome, matched_iou) if return_ious else outcome
     ious = pairwise_iou(Boxes(torch.as_tensor(boxes[order])), Boxes(torch.as_tensor(gt_boxes))).numpy()
     taken = np.zeros(len(gt_boxes), dtype=bool)
     normal = ~gt_crowd
@@ -48,34 +53,37 @@ def match_detections(
         if row[best] >= iou:
             taken[best] = True
             outcome[det] = 1
+            matched_iou[det] = row[best]
         elif gt_crowd.any() and ious[rank][gt_crowd].max() >= iou:
             outcome[det] = -1
-    return outcome
+    return (outcome, matched_iou) if return_ious else outcome
 
 
-def _counts(images: Sequence[dict], iou: float) -> Tuple[np.ndarray, np.ndarray, int]:
-    """Scores and outcomes of all detections, and the number of normal GT boxes."""
-    all_scores, all_outcomes, num_gt = [], [], 0
+def _counts(images: Sequence[dict], iou: float) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Scores, outcomes and matched IoUs of all detections, and the number of normal GT boxes."""
+    all_scores, all_outcomes, all_ious, num_gt = [], [], [], 0
     for image in images:
         gt_crowd = np.asarray(image["gt_crowd"], dtype=bool).reshape(-1)
         num_gt += int((~gt_crowd).sum())
         scores = np.asarray(image["scores"], dtype=np.float64).reshape(-1)
-        outcome = match_detections(
+        outcome, ious = match_detections(
             np.asarray(image["gt_boxes"], dtype=np.float32).reshape(-1, 4),
             gt_crowd,
             np.asarray(image["boxes"], dtype=np.float32).reshape(-1, 4),
             scores,
             iou,
+            return_ious=True,
         )
         all_scores.append(scores)
         all_outcomes.append(outcome)
+        all_ious.append(ious)
     if not all_scores:
-        return np.zeros(0), np.zeros(0, dtype=np.int64), num_gt
-    return np.concatenate(all_scores), np.concatenate(all_outcomes), num_gt
+        return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0), num_gt
+    return np.concatenate(all_scores), np.concatenate(all_outcomes), np.concatenate(all_ious), num_gt
 
 
 def precision_recall(images: Sequence[dict], iou: float = 0.4, score_thresh: float = 0.0) -> Dict[str, float]:
-    """Precision, recall and F1 (in %) over images, each a dict with ``gt_boxes`` (G, 4) XYXY,
+    """Precision, recall and F1 (in %) and the median IoU of the hits over images, each a dict with ``gt_boxes`` (G, 4) XYXY,
     ``gt_crowd`` (G,) bool, ``boxes`` (D, 4) XYXY and ``scores`` (D,). Detections below
     ``score_thresh`` are dropped first. Matching is per score threshold (greedy, per image)."""
     kept = [
@@ -83,13 +91,15 @@ def precision_recall(images: Sequence[dict], iou: float = 0.4, score_thresh: flo
              scores=np.asarray(im["scores"])[np.asarray(im["scores"]) >= score_thresh])
         for im in images
     ]
-    _, outcome, num_gt = _counts(kept, iou)
+    _, outcome, matched_ious, num_gt = _counts(kept, iou)
     tp, fp = int((outcome == 1).sum()), int((outcome == 0).sum())
+    hits = matched_ious[outcome == 1]
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / num_gt if num_gt else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {"precision": 100 * precision, "recall": 100 * recall, "f1": 100 * f1,
-            "tp": tp, "fp": fp, "num_gt": num_gt, "score_thresh": score_thresh, "iou": iou}
+            "tp": tp, "fp": fp, "num_gt": num_gt, "score_thresh": score_thresh, "iou": iou,
+            "median_hit_iou": float(np.median(hits)) if len(hits) else 0.0}
 
 
 def best_f1_threshold(
