@@ -117,3 +117,14 @@ def test_median_iou_of_the_hits():
     dets = [[0, 0, 10, 10], [20, 0, 30, 5], [40, 0, 50, 8], [90, 90, 99, 99]]
     r = precision_recall([image(gt, dets, [0.9, 0.8, 0.7, 0.6])], iou=0.4)
     assert r["tp"] == 3 and r["median_hit_iou"] == pytest.approx(0.8)
+
+
+def test_score_iou_rank_correlation():
+    from gfocal.evaluation.precision_recall import score_iou_correlation
+
+    gt = [[0, 0, 10, 10]]
+    dets = [[0, 0, 10, 10], [0, 0, 10, 8], [0, 0, 10, 5], [0, 0, 10, 2]]  # IoU 1, .8, .5, .2
+    assert score_iou_correlation([image(gt, dets, [0.9, 0.7, 0.5, 0.1])]) == pytest.approx(1.0)
+    assert score_iou_correlation([image(gt, dets, [0.1, 0.5, 0.7, 0.9])]) == pytest.approx(-1.0)
+    # Two swapped neighbours of four: Spearman 1 - 6 * 2 / (4 * 15) = 0.8.
+    assert score_iou_correlation([image(gt, dets, [0.9, 0.5, 0.7, 0.1])]) == pytest.approx(0.8)

@@ -223,8 +223,8 @@ def table(args: argparse.Namespace) -> str:
     keys = METRIC_KEYS + PR_KEYS
     lr_cols = " | ".join(f"AP lr {lr:g}" for lr in args.lrs)
     rows = [
-        f"| variant | {lr_cols} | best lr | seeds | {' | '.join(keys)} | AP per seed |",
-        "|---|" + "---|" * len(args.lrs) + "---|---|" + "---|" * len(keys) + "---|",
+        f"| variant | {lr_cols} | best lr | seeds | {' | '.join(keys)} | score-IoU rank corr. | AP per seed |",
+        "|---|" + "---|" * len(args.lrs) + "---|---|" + "---|" * len(keys) + "---|---|",
     ]
     for variant in args.variants:
         sweep = [load_result(args, variant, lr, args.seeds[0]) for lr in args.lrs]
@@ -232,6 +232,7 @@ def table(args: argparse.Namespace) -> str:
         runs = [] if lr is None else [load_result(args, variant, lr, s) for s in args.seeds]
         runs = [r for r in runs if r is not None]
         cells = [_cell([r[k] for r in runs if k in r]) for k in keys]
+        cells.append(_cell([100 * score_iou_rank_correlation(args, variant, lr, r["seed"]) for r in runs]))
         sweep_cells = [f"{r['AP']:.1f}" if r else "-" for r in sweep]
         rows.append(
             f"| {VARIANTS[variant][0]} | {' | '.join(sweep_cells)} | "
@@ -239,6 +240,15 @@ def table(args: argparse.Namespace) -> str:
             f"{' / '.join(format(r['AP'], '.1f') for r in runs)} |"
         )
     return "\n".join(rows) + "\n"
+
+
+def score_iou_rank_correlation(args: argparse.Namespace, variant: str, lr: float, seed: int) -> float:
+    """Spearman correlation of the validation detections' scores with their best IoU with a GT."""
+    from gfocal.evaluation.precision_recall import coco_images, score_iou_correlation
+
+    path = os.path.join(run_dir(args, variant, lr, seed), "inference", VAL_SET, "coco_instances_results.json")
+    with open(path) as f:
+        return score_iou_correlation(coco_images(VAL_SET, json.load(f)))
 
 
 def spike_table(args: argparse.Namespace) -> str:

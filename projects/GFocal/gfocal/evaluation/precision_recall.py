@@ -21,7 +21,13 @@ from detectron2.structures import Boxes, BoxMode, pairwise_iou
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["PrecisionRecallEvaluator", "best_f1_threshold", "match_detections", "precision_recall"]
+__all__ = [
+    "PrecisionRecallEvaluator",
+    "best_f1_threshold",
+    "match_detections",
+    "precision_recall",
+    "score_iou_correlation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -180,3 +186,39 @@ class PrecisionRecallEvaluator(DatasetEvaluator):
             with PathManager.open(os.path.join(self.output_dir, "precision_recall.json"), "w") as f:
                 json.dump(result, f, indent=1)
         return {"pr": copy.deepcopy(result)}
+
+
+def score_iou_correlation(images: Sequence[dict]) -> float:
+    """Spearman rank correlation, over all detections of all images, between a detection's score
+    and its best IoU with any normal (non-crowd) GT box: how well the scores rank the boxes by
+    localisation quality (the property the joint score of QFL is trained for)."""
+    scores, ious = [], []
+    for image in images:
+        boxes = np.asarray(image["boxes"], dtype=np.float32).reshape(-1, 4)
+        gt = np.asarray(image["gt_boxes"], dtype=np.float32).reshape(-1, 4)
+        gt = gt[~np.asarray(image["gt_crowd"], dtype=bool).reshape(-1)]
+        if len(boxes) == 0:
+            continue
+        best = np.zeros(len(boxes))
+        if len(gt):
+            best = pairwise_iou(Boxes(torch.as_tensor(boxes)), Boxes(torch.as_tensor(gt))).numpy().max(axis=1)
+        scores.append(np.asarray(image["scores"], dtype=np.float64).reshape(-1))
+        ious.append(best)
+    if not scores:
+        return float("nan")
+    s, i = np.concatenate(scores), np.concatenate(ious)
+    if len(s) < 2:
+        return float("nan")
+    rank_s, rank_i = _ranks(s), _ranks(i)
+    return float(np.corrcoef(rank_s, rank_i)[0, 1])
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks with ties given their average rank."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    values, inverse = np.unique(x, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks)
+    counts = np.bincount(inverse)
+    return (sums / counts)[inverse]
