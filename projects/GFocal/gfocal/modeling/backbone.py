@@ -9,6 +9,8 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY
 from detectron2.modeling.backbone import FPN, build_resnet_backbone
 
+from ..utils import deform_conv_build_error
+
 __all__ = ["LastLevelP6P7", "build_gfl_resnet_fpn_backbone"]
 
 
@@ -39,6 +41,14 @@ class LastLevelP6P7(nn.Module):
 def build_gfl_resnet_fpn_backbone(cfg, input_shape: ShapeSpec) -> FPN:
     """ResNet (``MODEL.RESNETS``) + FPN (``MODEL.FPN``) + :class:`LastLevelP6P7` with
     ``MODEL.FPN.TOP_BLOCK_IN_FEATURE`` and ``MODEL.FPN.TOP_BLOCK_RELU``."""
+    deform_stages = list(cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE)
+    if any(deform_stages):
+        error = deform_conv_build_error(cfg.MODEL.RESNETS.DEFORM_MODULATED)
+        if error:
+            raise RuntimeError(
+                f"MODEL.RESNETS.DEFORM_ON_PER_STAGE={deform_stages} needs deformable convolution, "
+                f"but {error}: build detectron2 with its C++/CUDA ops, or use a config without DCN"
+            )
     bottom_up = build_resnet_backbone(cfg, input_shape)
     return fpn_with_p6p7(cfg, bottom_up)
 
