@@ -220,9 +220,17 @@ def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientN
     ecfg = cfg.MODEL.EFFICIENTNET_LITE
     if input_shape.channels != 3:
         raise ValueError(f"EfficientNet-Lite0 takes 3 input channels, got {input_shape.channels}")
-    model = EfficientNetLite(list(ecfg.OUT_FEATURES), ecfg.FREEZE_AT, ecfg.NORM)
-    if ecfg.WEIGHTS:
-        load_lite0_weights(model, ecfg.WEIGHTS)
+    return efficientnet_lite0(list(ecfg.OUT_FEATURES), ecfg.FREEZE_AT, ecfg.NORM, ecfg.WEIGHTS)
+
+
+def efficientnet_lite0(
+    out_features: List[str], freeze_at: int = 0, norm: str = "FrozenBN", weights: str = "package"
+) -> EfficientNetLite:
+    """:class:`EfficientNetLite` with its ImageNet ``weights`` loaded (see
+    :func:`load_lite0_weights`; "" keeps the random init). The LazyConfig configs call this."""
+    model = EfficientNetLite(out_features, freeze_at, norm)
+    if weights:
+        load_lite0_weights(model, weights)
     return model
 
 
