@@ -2,7 +2,10 @@
 names, shapes, frozen parameters, settings such as the NMS threshold, outputs and losses on the
 same weights), the same data pipeline, optimizer, lr schedule and training settings. A value
 changed in one file and not in the other fails here."""
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -50,6 +53,10 @@ def plain(value):
 def settings(module: torch.nn.Module) -> dict:
     """A module's plain attributes (not its parameters, buffers or submodules)."""
     return {k: plain(v) for k, v in vars(module).items() if not k.startswith("_")}
+
+
+def names(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _toy_input(with_instances: bool):
@@ -102,10 +109,10 @@ def test_same_data_solver_and_schedule(name):
     for is_train, loader in ((True, train), (False, test)):
         assert plain(vars(instantiate(loader.mapper))) == plain(vars(DatasetMapper(cfg, is_train)))
         assert loader.num_workers == cfg.DATALOADER.NUM_WORKERS
-    assert list(train.dataset.names) == list(cfg.DATASETS.TRAIN)
+    assert names(train.dataset.names) == list(cfg.DATASETS.TRAIN)
     assert train.dataset.num_classes == cfg.MODEL.GFL.NUM_CLASSES
     assert train.dataset.filter_empty == cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-    assert list(test.dataset.names) == list(cfg.DATASETS.TEST)
+    assert names(test.dataset.names) == list(cfg.DATASETS.TEST)
     assert train.total_batch_size == cfg.SOLVER.IMS_PER_BATCH
 
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8))
@@ -134,3 +141,41 @@ def test_same_data_solver_and_schedule(name):
     assert lazy.train.amp.enabled == cfg.SOLVER.AMP.ENABLED
     assert lazy.train.seed == cfg.SEED
     assert lazy.train.output_dir == cfg.OUTPUT_DIR
+
+
+def _copypaste_ap(text: str) -> str:
+    lines = [line for line in text.splitlines() if "copypaste: " in line]
+    assert len(lines) >= 3 and "AP,AP50" in lines[-2], text[-3000:]
+    return lines[-1].split("copypaste: ")[1]
+
+
+def test_python_config_trains_and_evaluates(tmp_path):
+    """A few iterations through lazyconfig_train_net.py, then --eval-only on the checkpoint: the
+    same detections and AP as the evaluation after training (score threshold 0: an untrained
+    model scores low)."""
+    out = tmp_path / "out"
+    script = os.path.join(os.path.dirname(CONFIG_DIR), "lazyconfig_train_net.py")
+    config = os.path.join(CONFIG_DIR, "trees", "gfl_lite0_trees.py")
+    common = [
+        "model.test_score_thresh=0.0", "dataloader.test.num_workers=0",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=256",
+        "dataloader.test.mapper.augmentations.0.max_size=256", f"train.output_dir={out}",
+    ]
+    train = [
+        "train.max_iter=3", "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[256]",
+        "dataloader.train.mapper.augmentations.0.max_size=256",
+        "lr_multiplier.scheduler.milestones=[2]", "lr_multiplier.scheduler.values=[1.0,0.1]",
+        "lr_multiplier.scheduler.num_updates=3",
+    ]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
+    runs = []
+    for args in (train, ["--eval-only", f"train.init_checkpoint={out / 'model_final.pth'}"]):
+        cmd = [sys.executable, "-W", "ignore", script, "--config-file", config, *args, *common]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs.append((_copypaste_ap(proc.stdout + proc.stderr),
+                     json.loads((out / "inference" / "coco_instances_results.json").read_text())))
+    (ap_after_training, detections), (ap_eval_only, detections_eval_only) = runs
+    assert ap_after_training == ap_eval_only and ap_after_training.split(",")[0] != "nan"
+    assert len(detections) > 0 and detections == detections_eval_only

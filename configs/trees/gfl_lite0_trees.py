@@ -31,14 +31,14 @@ model.pixel_mean = [127.0, 127.0, 127.0]
 model.pixel_std = [128.0, 128.0, 128.0]
 model.input_format = "RGB"
 
-dataloader.train.dataset.names = ["neon_trees_train"]
+dataloader.train.dataset.names = "neon_trees_train"
 dataloader.train.dataset.num_classes = 1
 dataloader.train.mapper.image_format = "RGB"
 dataloader.train.mapper.augmentations[0].short_edge_length = (400,)
 dataloader.train.mapper.augmentations[0].max_size = 400
 dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
-dataloader.test.dataset.names = ["neon_trees_val"]
+dataloader.test.dataset.names = "neon_trees_val"
 dataloader.test.mapper.augmentations[0].short_edge_length = 400
 dataloader.test.mapper.augmentations[0].max_size = 400
 dataloader.test.num_workers = 1

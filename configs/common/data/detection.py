@@ -19,7 +19,7 @@ from gfocal.utils import has_detectron2_ops
 dataloader = OmegaConf.create()
 
 dataloader.train = L(build_detection_train_loader)(
-    dataset=L(train_dataset_dicts)(names=["coco_2017_train"], num_classes=80, filter_empty=True),
+    dataset=L(train_dataset_dicts)(names="coco_2017_train", num_classes=80, filter_empty=True),
     mapper=L(DatasetMapper)(
         is_train=True,
         augmentations=[
@@ -33,7 +33,7 @@ dataloader.train = L(build_detection_train_loader)(
 )
 
 dataloader.test = L(build_detection_test_loader)(
-    dataset=L(get_detection_dataset_dicts)(names=["coco_2017_val"], filter_empty=False),
+    dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
     mapper=L(DatasetMapper)(
         is_train=False,
         augmentations=[
@@ -47,5 +47,6 @@ dataloader.test = L(build_detection_test_loader)(
 dataloader.evaluator = L(COCOEvaluator)(
     dataset_name="${..test.dataset.names}",
     tasks=("bbox",),
+    output_dir="${train.output_dir}/inference",
     use_fast_impl=L(has_detectron2_ops)(),
 )
