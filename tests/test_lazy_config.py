@@ -179,3 +179,26 @@ def test_python_config_trains_and_evaluates(tmp_path):
     (ap_after_training, detections), (ap_eval_only, detections_eval_only) = runs
     assert ap_after_training == ap_eval_only and ap_after_training.split(",")[0] != "nan"
     assert len(detections) > 0 and detections == detections_eval_only
+
+
+def test_lazy_predictor_matches_default_predictor(tmp_path):
+    from detectron2.engine import DefaultPredictor
+
+    from gfocal.predictor import LazyPredictor
+
+    cfg, lazy = load_pair("trees")
+    cfg.MODEL.DEVICE = "cpu"
+    torch.manual_seed(0)
+    weights = tmp_path / "model.pth"
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+    cfg.MODEL.WEIGHTS = str(weights)
+    cfg.MODEL.GFL.SCORE_THRESH_TEST = 0.0  # untrained: keep detections to compare
+    lazy.model.test_score_thresh = 0.0
+    image = (torch.rand(300, 360, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()
+    ours = DefaultPredictor(cfg)(image)["instances"]
+    theirs = LazyPredictor(lazy, checkpoint=str(weights))(image)["instances"]
+    assert len(ours) > 0 and ours.image_size == theirs.image_size == (300, 360)
+    assert torch.equal(ours.pred_boxes.tensor, theirs.pred_boxes.tensor)
+    assert torch.equal(ours.scores, theirs.scores)
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) BGR image"):
+        LazyPredictor(lazy, checkpoint=str(weights))(image[:, :, 0])
