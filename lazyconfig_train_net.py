@@ -65,7 +65,9 @@ def do_train(args, cfg):
         )
     else:
         trainer = SimpleTrainer(model, train_loader, optimizer)
-    checkpointer = GFLCheckpointer(model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer)
+    checkpointer = GFLCheckpointer(
+        model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer
+    )
     trainer.register_hooks(
         [
             hooks.IterationTimer(),

@@ -123,7 +123,9 @@ def test_same_data_solver_and_schedule(name):
     clip = cfg.SOLVER.CLIP_GRADIENTS
     expected = None
     if clip.ENABLED:
-        expected = dict(clip_type=clip.CLIP_TYPE, clip_value=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE)
+        expected = dict(
+            clip_type=clip.CLIP_TYPE, clip_value=clip.CLIP_VALUE, norm_type=clip.NORM_TYPE
+        )
     assert plain(lazy.optimizer.clip_gradients) == expected
 
     max_iter = cfg.SOLVER.MAX_ITER
@@ -132,10 +134,11 @@ def test_same_data_solver_and_schedule(name):
     lazy_multiplier = instantiate(lazy.lr_multiplier)
     step = max(1, max_iter // 2000)
     for i in list(range(0, max_iter, step)) + [max_iter - 1]:
-        assert lazy_multiplier(i / max_iter) == pytest.approx(yaml_multiplier(i / max_iter), rel=1e-12), i
+        where = i / max_iter
+        assert lazy_multiplier(where) == pytest.approx(yaml_multiplier(where), rel=1e-12), i
 
     assert lazy.train.init_checkpoint == cfg.MODEL.WEIGHTS
-    assert lazy.train.device == cfg.MODEL.DEVICE or (cfg.MODEL.DEVICE, lazy.train.device) == ("cuda", "cuda")
+    assert lazy.train.device == cfg.MODEL.DEVICE
     assert lazy.train.checkpointer.period == cfg.SOLVER.CHECKPOINT_PERIOD
     assert lazy.train.eval_period == cfg.TEST.EVAL_PERIOD
     assert lazy.train.amp.enabled == cfg.SOLVER.AMP.ENABLED
@@ -194,7 +197,8 @@ def test_lazy_predictor_matches_default_predictor(tmp_path):
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.MODEL.GFL.SCORE_THRESH_TEST = 0.0  # untrained: keep detections to compare
     lazy.model.test_score_thresh = 0.0
-    image = (torch.rand(300, 360, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy()
+    g = torch.Generator().manual_seed(1)
+    image = (torch.rand(300, 360, 3, generator=g) * 255).byte().numpy()
     ours = DefaultPredictor(cfg)(image)["instances"]
     theirs = LazyPredictor(lazy, checkpoint=str(weights))(image)["instances"]
     assert len(ours) > 0 and ours.image_size == theirs.image_size == (300, 360)

@@ -61,10 +61,11 @@ def test_config_builds_and_runs(name, toy_image):
     uses_dcn = cfg.MODEL.BACKBONE.NAME == "build_gfl_resnet_fpn_backbone" and any(
         cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE
     )
-    if uses_dcn and deform_conv_build_error(cfg.MODEL.RESNETS.DEFORM_MODULATED):
+    build_error = uses_dcn and deform_conv_build_error(cfg.MODEL.RESNETS.DEFORM_MODULATED)
+    if build_error:
         with pytest.raises(RuntimeError, match="MODEL.RESNETS.DEFORM_ON_PER_STAGE"):
             build_model(cfg)  # a clear error, not the dummy layer's
-        pytest.skip(deform_conv_build_error(cfg.MODEL.RESNETS.DEFORM_MODULATED) + " (error checked)")
+        pytest.skip(build_error + " (error checked)")
     model = build_model(cfg)
     if uses_dcn:
         reason = deform_conv_run_error(cfg.MODEL.RESNETS.DEFORM_MODULATED)

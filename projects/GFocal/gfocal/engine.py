@@ -1,6 +1,6 @@
 """Multi-process training without GPUs: detectron2 0.6's ``launch`` needs CUDA (NCCL, one GPU per
 worker) and ``create_ddp_model`` (0.6 and upstream) passes ``device_ids=[local_rank]``, which
-DistributedDataParallel refuses for a CPU model. Here CPU workers use gloo and ``device_ids=None``."""
+DistributedDataParallel refuses for a CPU model. Here CPU workers use gloo and no device_ids."""
 import contextlib
 import logging
 from datetime import timedelta

@@ -39,7 +39,9 @@ def deform_conv_build_error(modulated: bool) -> Optional[str]:
     return None
 
 
-def deform_conv_run_error(modulated: bool, device: str = "cpu", backward: bool = False) -> Optional[str]:
+def deform_conv_run_error(
+    modulated: bool, device: str = "cpu", backward: bool = False
+) -> Optional[str]:
     """Why a deformable convolution cannot run forward (and ``backward``) on ``device`` here, or
     None if it can. Without the ops only non-modulated DCN inference on CPU works (detectron2
     calls torchvision's ``deform_conv2d`` there); training and DCNv2 need the ops and CUDA."""
