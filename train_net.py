@@ -3,6 +3,9 @@
 
     python train_net.py --config-file configs/gfl_R_50_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file configs/gfl_R_50_FPN_1x.yaml --eval-only MODEL.WEIGHTS model.pth
+    python train_net.py --config-file configs/trees/gfl_lite0_trees.yaml --num-gpus 2 MODEL.DEVICE cpu
+
+With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU worker processes (gloo; gfocal/engine.py).
 
 Flags and trailing ``KEY VALUE`` overrides are detectron2's (``default_argument_parser``).
 """
@@ -13,13 +16,14 @@ import weakref
 import detectron2.utils.comm as comm
 from detectron2.config import get_cfg
 from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_results
 
 import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
 from gfocal import add_gfl_config
 from gfocal.amp import cpu_amp_trainer
 from gfocal.checkpoint import GFLCheckpointer
+from gfocal.engine import cpu_ddp, launch
 from gfocal.data.annotations import check_num_classes, load_train_dataset_dicts
 from gfocal.data.augmentation import build_train_augmentation
 from gfocal.evaluation import PrecisionRecallEvaluator
@@ -33,7 +37,8 @@ class Trainer(DefaultTrainer):
 
     def __init__(self, cfg):
         # SOLVER.AMP.ENABLED on CPU: bfloat16 autocast (detectron2's AMPTrainer needs CUDA).
-        with cpu_amp_trainer(cfg):
+        # MODEL.DEVICE cpu with several workers: DistributedDataParallel without device_ids.
+        with cpu_amp_trainer(cfg), cpu_ddp(cfg.MODEL.DEVICE):
             super().__init__(cfg)
 
     def build_hooks(self):
@@ -87,11 +92,17 @@ class Trainer(DefaultTrainer):
         )
 
 
-def setup(args):
+def load_config(args):
+    """The config of ``--config-file`` with the command line's overrides."""
     cfg = get_cfg()
     add_gfl_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
+    return cfg
+
+
+def setup(args):
+    cfg = load_config(args)
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -124,4 +135,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
+        device=load_config(args).MODEL.DEVICE,
     )

@@ -12,6 +12,39 @@ from gfocal import add_gfl_config
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
+# GFOCAL_SIMULATE_UPSTREAM_NO_OPS=1: run the suite as on upstream detectron2 main installed without
+# its compiled ops, where DeformConv and ModulatedDeformConv are dummies that raise ImportError when
+# built (detectron2/layers/deform_conv.py). No registry carries upstream main, so CI simulates it.
+UPSTREAM_DUMMY_MODULES = ("detectron2.layers", "detectron2.layers.deform_conv",
+                          "detectron2.modeling.backbone.resnet")
+
+
+def upstream_dummy_class(name: str) -> type:
+    """A class that raises ImportError when built, as upstream's ``create_dummy_class`` makes."""
+
+    def __init__(self, *args, **kwargs):
+        raise ImportError(
+            f"Cannot import 'detectron2._C', therefore '{name}' is not available. detectron2 is "
+            "not compiled successfully, please build following the instructions!"
+        )
+
+    return type(name, (), {"__init__": __init__})
+
+
+def simulate_upstream_without_ops(set_attribute=setattr) -> None:
+    """Replace detectron2's deformable convolutions by upstream's dummies (``set_attribute`` may be
+    ``monkeypatch.setattr`` to undo it after a test)."""
+    import importlib
+
+    for module_name in UPSTREAM_DUMMY_MODULES:
+        module = importlib.import_module(module_name)
+        for name in ("DeformConv", "ModulatedDeformConv"):
+            set_attribute(module, name, upstream_dummy_class(name))
+
+
+if os.environ.get("GFOCAL_SIMULATE_UPSTREAM_NO_OPS") == "1":
+    simulate_upstream_without_ops()
+
 # Same thread count in every test process: results of some tests depend on it.
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -13,7 +13,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import CONFIG_DIR, make_instances, tiny_cfg
 from gfocal import add_gfl_config
-from gfocal.utils import has_detectron2_ops
+from gfocal.utils import deform_conv_build_error, deform_conv_run_error
 
 ALL_CONFIGS = sorted(
     os.path.relpath(p, CONFIG_DIR)
@@ -59,12 +59,19 @@ def _config_for_smoke_test(name: str):
 @pytest.mark.parametrize("name", ALL_CONFIGS)
 def test_config_builds_and_runs(name, toy_image):
     cfg = _config_for_smoke_test(name)
-    model = build_model(cfg)
     uses_dcn = cfg.MODEL.BACKBONE.NAME == "build_gfl_resnet_fpn_backbone" and any(
         cfg.MODEL.RESNETS.DEFORM_ON_PER_STAGE
     )
-    if uses_dcn and not has_detectron2_ops():
-        pytest.skip("deformable convolution needs detectron2's compiled ops (built, not run)")
+    build_error = uses_dcn and deform_conv_build_error(cfg.MODEL.RESNETS.DEFORM_MODULATED)
+    if build_error:
+        with pytest.raises(RuntimeError, match="MODEL.RESNETS.DEFORM_ON_PER_STAGE"):
+            build_model(cfg)  # a clear error, not the dummy layer's
+        pytest.skip(build_error + " (error checked)")
+    model = build_model(cfg)
+    if uses_dcn:
+        reason = deform_conv_run_error(cfg.MODEL.RESNETS.DEFORM_MODULATED)
+        if reason:
+            pytest.skip(reason + " (built, not run)")
     inputs = dict(toy_image)
     inputs["instances"] = make_instances((128, 160), [[10, 20, 60, 70]], [0])
     model.train()

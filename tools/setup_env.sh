@@ -42,7 +42,15 @@ echo "[setup] installing pinned requirements into $PY"
 "$PY" -m pip install -q --no-deps -r "$nodeps"
 
 if "$PY" -c "import detectron2" 2>/dev/null; then
-  echo "[setup] using the installed detectron2 $("$PY" -c 'import detectron2; print(detectron2.__version__)')"
+  # Upstream main also reports version 0.6: say where it is and, for a git checkout, its commit.
+  d2_dir="$("$PY" -c 'import detectron2, os; print(os.path.dirname(os.path.dirname(os.path.abspath(detectron2.__file__))))')"
+  d2_version="$("$PY" -c 'import detectron2; print(detectron2.__version__)')"
+  d2_commit="$(git -C "$d2_dir" rev-parse --short HEAD 2>/dev/null || true)"
+  if [ -n "$d2_commit" ] && [ "$(git -C "$d2_dir" rev-parse --show-toplevel 2>/dev/null)" = "$d2_dir" ]; then
+    echo "[setup] using the installed detectron2 $d2_version from $d2_dir (git checkout, commit $d2_commit)"
+  else
+    echo "[setup] using the installed detectron2 $d2_version from $d2_dir (not a git checkout)"
+  fi
 else
   echo "[setup] installing detectron2 0.6 without its C++ ops"
   "$PY" tools/install_detectron2.py

@@ -156,8 +156,16 @@ def check_num_classes(dataset_names: Sequence[str], num_classes: int) -> None:
 def load_train_dataset_dicts(cfg) -> List[dict]:
     """The records of ``cfg.DATASETS.TRAIN``, checked and cleaned by the rules of this module,
     then filtered like detectron2's ``get_detection_dataset_dicts``."""
-    names = list(cfg.DATASETS.TRAIN)
-    num_classes = cfg.MODEL.GFL.NUM_CLASSES
+    return train_dataset_dicts(
+        list(cfg.DATASETS.TRAIN), cfg.MODEL.GFL.NUM_CLASSES, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+    )
+
+
+def train_dataset_dicts(
+    names: Sequence[str], num_classes: int, filter_empty: bool = True
+) -> List[dict]:
+    """:func:`load_train_dataset_dicts` with explicit arguments (the LazyConfig configs)."""
+    names = [names] if isinstance(names, str) else list(names)
     check_num_classes(names, num_classes)
     dicts: List[dict] = []
     for name in names:
@@ -165,7 +173,7 @@ def load_train_dataset_dicts(cfg) -> List[dict]:
         if not len(records):
             raise ValueError(f"Dataset '{name}' (DATASETS.TRAIN) is empty")
         dicts.extend(sanitize_annotations(records, name, num_classes)[0])
-    if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:
+    if filter_empty:
         dicts = filter_images_with_only_crowd_annotations(dicts)
     if not dicts:
         raise ValueError(f"No training image with a valid box in {names}")

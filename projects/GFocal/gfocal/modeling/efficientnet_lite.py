@@ -262,15 +262,30 @@ def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientN
     ecfg = cfg.MODEL.EFFICIENTNET_LITE
     if input_shape.channels != 3:
         raise ValueError(f"EfficientNet-Lite0 takes 3 input channels, got {input_shape.channels}")
-    model = EfficientNetLite(
+    return efficientnet_lite0(
         list(ecfg.OUT_FEATURES),
         ecfg.FREEZE_AT,
         ecfg.NORM,
+        ecfg.WEIGHTS,
         ecfg.FEATURE_CACHE_MB,
         ecfg.FEATURE_CACHE_DIR,
     )
-    if ecfg.WEIGHTS:
-        load_lite0_weights(model, ecfg.WEIGHTS)
+
+
+def efficientnet_lite0(
+    out_features: List[str],
+    freeze_at: int = 0,
+    norm: str = "FrozenBN",
+    weights: str = "package",
+    feature_cache_mb: int = 0,
+    feature_cache_dir: str = "",
+) -> EfficientNetLite:
+    """:class:`EfficientNetLite` with its ImageNet ``weights`` loaded (see
+    :func:`load_lite0_weights`; "" keeps the random init) and, with ``feature_cache_mb`` > 0, its
+    features cached (:class:`FeatureCache`). The LazyConfig configs call this."""
+    model = EfficientNetLite(out_features, freeze_at, norm, feature_cache_mb, feature_cache_dir)
+    if weights:
+        load_lite0_weights(model, weights)
     return model
 
 

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Train and evaluate GFL from a LazyConfig (Python) config, as detectron2's
+tools/lazyconfig_train_net.py does, with this project's additions (GFLCheckpointer, CPU workers,
+bfloat16 autocast on CPU).
+
+    python lazyconfig_train_net.py --config-file configs/COCO-Detection/gfl_R_50_FPN_1x.py --num-gpus 8
+    python lazyconfig_train_net.py --config-file configs/trees/gfl_lite0_trees.py
+    python lazyconfig_train_net.py --config-file configs/trees/gfl_lite0_trees.py --eval-only \\
+        train.init_checkpoint=output/trees/gfl_lite0/model_final.pth
+
+Trailing ``key=value`` overrides are LazyConfig's (``train.max_iter=100``, ``optimizer.lr=0.01``).
+With ``train.device=cpu``, ``--num-gpus N`` starts N CPU worker processes (gloo).
+"""
+import logging
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.engine import (
+    AMPTrainer,
+    SimpleTrainer,
+    default_argument_parser,
+    default_setup,
+    default_writers,
+    hooks,
+)
+from detectron2.engine.defaults import create_ddp_model
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+
+import gfocal  # noqa: F401  (registers the GFL meta-architecture, backbones and datasets)
+from gfocal.amp import AutocastTrainer
+from gfocal.checkpoint import GFLCheckpointer
+from gfocal.engine import launch
+
+logger = logging.getLogger("detectron2")
+
+
+def do_test(cfg, model):
+    if "evaluator" not in cfg.dataloader:
+        return {}
+    ret = inference_on_dataset(
+        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+    )
+    print_csv_format(ret)
+    return ret
+
+
+def _ddp(cfg, model, **kwargs):
+    if cfg.train.device == "cpu":
+        kwargs["device_ids"] = None  # DistributedDataParallel of a CPU model
+    return create_ddp_model(model, **kwargs)
+
+
+def do_train(args, cfg):
+    model = instantiate(cfg.model)
+    logger.info("Model:\n%s", model)
+    model.to(cfg.train.device)
+    cfg.optimizer.params.model = model
+    optimizer = instantiate(cfg.optimizer)
+    train_loader = instantiate(cfg.dataloader.train)
+
+    model = _ddp(cfg, model, **cfg.train.ddp)
+    if cfg.train.amp.enabled:
+        trainer = (AutocastTrainer if cfg.train.device == "cpu" else AMPTrainer)(
+            model, train_loader, optimizer
+        )
+    else:
+        trainer = SimpleTrainer(model, train_loader, optimizer)
+    checkpointer = GFLCheckpointer(
+        model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer
+    )
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
+            if comm.is_main_process()
+            else None,
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.PeriodicWriter(
+                default_writers(cfg.train.output_dir, cfg.train.max_iter),
+                period=cfg.train.log_period,
+            )
+            if comm.is_main_process()
+            else None,
+        ]
+    )
+    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=args.resume)
+    start_iter = trainer.iter + 1 if args.resume and checkpointer.has_checkpoint() else 0
+    trainer.train(start_iter, cfg.train.max_iter)
+
+
+def load_config(args):
+    cfg = LazyConfig.load(args.config_file)
+    return LazyConfig.apply_overrides(cfg, args.opts)
+
+
+def main(args):
+    cfg = load_config(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = instantiate(cfg.model)
+        model.to(cfg.train.device)
+        GFLCheckpointer(model).load(cfg.train.init_checkpoint)
+        return do_test(cfg, _ddp(cfg, model))
+    do_train(args, cfg)
+
+
+if __name__ == "__main__":
+    args = default_argument_parser().parse_args()
+    launch(
+        main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+        device=load_config(args).train.device,
+    )
