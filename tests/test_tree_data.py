@@ -146,3 +146,38 @@ def test_registered_lazily():
     assert {"neon_trees_train", "neon_trees_val"} <= set(DatasetCatalog.list())
     meta = MetadataCatalog.get("neon_trees_val")
     assert meta.thing_classes == ["Tree"] and meta.evaluator_type == "coco"
+
+
+def test_concurrent_builds_wait_for_each_other(tmp_path, monkeypatch):
+    """Two workers that find the data missing at once (e.g. train_net.py --num-gpus 2): one
+    builds while the other waits for the lock, then finds the build intact and returns."""
+    import threading
+    import time
+
+    from gfocal.data import tree_crowns
+
+    root = str(tmp_path / "trees")
+    spec = TileSpec(tile_size=600, train_overlap=0)
+    original, builders, errors = tree_crowns._build, [], []
+
+    def slow_build(*args):
+        builders.append(threading.get_ident())
+        time.sleep(0.5)  # both workers would be inside here at once without the lock
+        return original(*args)
+
+    monkeypatch.setattr(tree_crowns, "_build", slow_build)
+
+    def build():
+        try:
+            build_tree_crowns(root, spec)
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert len(builders) == 1  # the second worker found the first one's build intact
+    assert len(_load(root, "val").imgs) == 6

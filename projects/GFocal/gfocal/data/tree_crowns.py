@@ -18,6 +18,8 @@ the parameters and SHA-256 of every file; a later call with the same parameters 
 returns at once, otherwise it rebuilds. :func:`register_tree_crowns` registers the splits with
 lazy loaders that build the data on first use.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -286,6 +288,27 @@ def build_tree_crowns(
     expected = _expected_manifest(source_dir, spec)
     if not force and _is_intact(root, expected):
         return root
+    # Several processes (training workers, parallel runs) may find the data missing at once:
+    # one builds while the others wait, then find it intact.
+    with _exclusive_lock(os.path.abspath(root) + ".lock"):
+        if not force and _is_intact(root, expected):
+            return root
+        return _build(root, spec, source_dir, expected)
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: str):
+    """An exclusive advisory lock on ``path`` (created if missing), released on exit."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _build(root: str, spec: TileSpec, source_dir: str, expected: dict) -> str:
     logger.info("Building the tree-crown datasets under %s", root)
     if os.path.isdir(root):
         shutil.rmtree(root)
