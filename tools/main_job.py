@@ -95,18 +95,6 @@ IGNORED_COLOR = (0.6, 0.6, 0.6)  # grey: crowns cut by the tile border (iscrowd,
 PRED_COLOR = (1.0, 0.1, 0.1)  # red: predictions, labelled with their score
 
 
-def split_precision_recall(
-    dataset: str, results_json: str, iou: float, score_thresh: float
-) -> Dict[str, float]:
-    """Precision/recall/F1 (and median IoU of the hits) of a split's COCOEvaluator detections
-    at ``iou`` and ``score_thresh``."""
-    from gfocal.evaluation.precision_recall import coco_images, precision_recall
-
-    with open(results_json) as f:
-        detections = json.load(f)
-    return precision_recall(coco_images(dataset, detections), iou, score_thresh)
-
-
 def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: float) -> List[str]:
     """Run the trained model (detectron2's DefaultPredictor: test-time resize and input format
     from the config) on validation tiles and save each with its ground truth (green, border-cut
@@ -183,6 +171,8 @@ def main(argv=None) -> Dict[str, float]:
     results_name = os.path.join("inference", "neon_trees_val", "coco_instances_results.json")
     metrics = coco_metrics(gt_json, os.path.join(train_dir, results_name))
 
+    from gfocal.evaluation.precision_recall import results_precision_recall
+
     # 3. Evaluate the written checkpoint again, on the training tiles too: their best-F1 score
     # threshold at IoU TEST.PRECISION_RECALL.IOU_THRESH is the operating point reported on
     # validation (chosen on training data, not on validation).
@@ -208,11 +198,11 @@ def main(argv=None) -> Dict[str, float]:
     with open(os.path.join(eval_dir, "inference", "neon_trees_train", "precision_recall.json")) as f:
         train_pr = json.load(f)
     score_thresh = train_pr["best_f1_score_thresh"]
-    val_pr = split_precision_recall(
+    val_pr = results_precision_recall(
         "neon_trees_val", os.path.join(eval_dir, results_name), train_pr["iou"], score_thresh
     )
     train_results = os.path.join("inference", "neon_trees_train", "coco_instances_results.json")
-    train_at = split_precision_recall(
+    train_at = results_precision_recall(
         "neon_trees_train", os.path.join(eval_dir, train_results), train_pr["iou"], score_thresh
     )
     train_metrics = coco_metrics(

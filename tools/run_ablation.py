@@ -165,7 +165,7 @@ def run_single(args: argparse.Namespace) -> None:
     from detectron2.engine import default_setup
 
     from gfocal import add_gfl_config
-    from gfocal.evaluation.precision_recall import coco_images, precision_recall
+    from gfocal.evaluation.precision_recall import results_precision_recall
     from train_net import Trainer
 
     class AblationTrainer(Trainer):
@@ -199,9 +199,12 @@ def run_single(args: argparse.Namespace) -> None:
     latest = trainer.storage.latest()
     record = {k: float(latest[f"{VAL_SET}/bbox/{k}"][0]) for k in METRIC_KEYS}
     thresh = float(latest[f"{TRAIN_SET}/pr/best_f1_score_thresh"][0])
-    with open(os.path.join(out, "inference", VAL_SET, "coco_instances_results.json")) as f:
-        detections = json.load(f)
-    pr = precision_recall(coco_images(VAL_SET, detections), cfg.TEST.PRECISION_RECALL.IOU_THRESH, thresh)
+    pr = results_precision_recall(
+        VAL_SET,
+        os.path.join(out, "inference", VAL_SET, "coco_instances_results.json"),
+        cfg.TEST.PRECISION_RECALL.IOU_THRESH,
+        thresh,
+    )
     record.update({k: pr[k] for k in PR_KEYS}, score_thresh=thresh)
     record.update(
         variant=variant, lr=lr, seed=seed, max_iter=cfg.SOLVER.MAX_ITER,

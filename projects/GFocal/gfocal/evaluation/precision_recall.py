@@ -26,6 +26,7 @@ __all__ = [
     "best_f1_threshold",
     "match_detections",
     "precision_recall",
+    "results_precision_recall",
     "score_iou_correlation",
 ]
 
@@ -88,16 +89,13 @@ def _counts(images: Sequence[dict], iou: float) -> Tuple[np.ndarray, np.ndarray,
     return np.concatenate(all_scores), np.concatenate(all_outcomes), np.concatenate(all_ious), num_gt
 
 
-def precision_recall(images: Sequence[dict], iou: float = 0.4, score_thresh: float = 0.0) -> Dict[str, float]:
-    """Precision, recall and F1 (in %) and the median IoU of the hits over images, each a dict with ``gt_boxes`` (G, 4) XYXY,
-    ``gt_crowd`` (G,) bool, ``boxes`` (D, 4) XYXY and ``scores`` (D,). Detections below
-    ``score_thresh`` are dropped first. Matching is per score threshold (greedy, per image)."""
-    kept = [
-        dict(im, boxes=np.asarray(im["boxes"]).reshape(-1, 4)[np.asarray(im["scores"]) >= score_thresh],
-             scores=np.asarray(im["scores"])[np.asarray(im["scores"]) >= score_thresh])
-        for im in images
-    ]
-    _, outcome, matched_ious, num_gt = _counts(kept, iou)
+def _summary(
+    scores: np.ndarray, outcome: np.ndarray, matched_ious: np.ndarray, num_gt: int, iou: float, score_thresh: float
+) -> Dict[str, float]:
+    """Counts at ``score_thresh`` from one greedy matching of all detections: matching in
+    decreasing score order, dropping the detections below a threshold changes no match above it."""
+    kept = scores >= score_thresh
+    outcome, matched_ious = outcome[kept], matched_ious[kept]
     tp, fp = int((outcome == 1).sum()), int((outcome == 0).sum())
     hits = matched_ious[outcome == 1]
     precision = tp / (tp + fp) if tp + fp else 0.0
@@ -108,13 +106,31 @@ def precision_recall(images: Sequence[dict], iou: float = 0.4, score_thresh: flo
             "median_hit_iou": float(np.median(hits)) if len(hits) else 0.0}
 
 
+def precision_recall(images: Sequence[dict], iou: float = 0.4, score_thresh: float = 0.0) -> Dict[str, float]:
+    """Precision, recall and F1 (in %) and the median IoU of the hits over images, each a dict
+    with ``gt_boxes`` (G, 4) XYXY, ``gt_crowd`` (G,) bool, ``boxes`` (D, 4) XYXY and ``scores``
+    (D,), counting the detections at or above ``score_thresh``."""
+    return _summary(*_counts(images, iou), iou, score_thresh)
+
+
 def best_f1_threshold(
     images: Sequence[dict], iou: float = 0.4, candidates: Sequence[float] = tuple(np.arange(0.05, 0.951, 0.05))
 ) -> Dict[str, float]:
     """The score threshold among ``candidates`` with the highest F1 (ties: the lower threshold),
     with its precision/recall (choose it on training images, apply it to validation)."""
-    results = [precision_recall(images, iou, float(round(t, 4))) for t in candidates]
+    matching = _counts(images, iou)
+    results = [_summary(*matching, iou, float(round(t, 4))) for t in candidates]
     return max(results, key=lambda r: (r["f1"], -r["score_thresh"]))
+
+
+def _ground_truth(record: dict) -> Dict[str, np.ndarray]:
+    """A dataset record's boxes (XYXY) and crowd flags, as :func:`precision_recall` takes them."""
+    anns = record.get("annotations", [])
+    gt = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
+    return {
+        "gt_boxes": np.asarray(gt, dtype=np.float32).reshape(-1, 4),
+        "gt_crowd": np.asarray([a.get("iscrowd", 0) for a in anns], dtype=bool),
+    }
 
 
 def coco_images(dataset_name: str, detections: List[dict]) -> List[dict]:
@@ -125,17 +141,24 @@ def coco_images(dataset_name: str, detections: List[dict]) -> List[dict]:
         by_image.setdefault(d["image_id"], []).append(d)
     images = []
     for record in DatasetCatalog.get(dataset_name):
-        anns = record.get("annotations", [])
-        gt = [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns]
         dets = by_image.get(record["image_id"], [])
         images.append({
-            "gt_boxes": np.asarray(gt, dtype=np.float32).reshape(-1, 4),
-            "gt_crowd": np.asarray([a.get("iscrowd", 0) for a in anns], dtype=bool),
+            **_ground_truth(record),
             "boxes": np.asarray([BoxMode.convert(d["bbox"], BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
                                  for d in dets], dtype=np.float32).reshape(-1, 4),
             "scores": np.asarray([d["score"] for d in dets], dtype=np.float64),
         })
     return images
+
+
+def results_precision_recall(
+    dataset_name: str, results_json: str, iou: float, score_thresh: float
+) -> Dict[str, float]:
+    """:func:`precision_recall` of a COCOEvaluator results file (``coco_instances_results.json``)
+    against the registered dataset it was computed on."""
+    with PathManager.open(results_json) as f:
+        detections = json.load(f)
+    return precision_recall(coco_images(dataset_name, detections), iou, score_thresh)
 
 
 class PrecisionRecallEvaluator(DatasetEvaluator):
@@ -155,14 +178,9 @@ class PrecisionRecallEvaluator(DatasetEvaluator):
 
     def process(self, inputs, outputs) -> None:
         for inp, out in zip(inputs, outputs):
-            record = self._records[inp["image_id"]]
-            anns = record.get("annotations", [])
             inst = out["instances"].to("cpu")
             self._images.append({
-                "gt_boxes": np.asarray(
-                    [BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in anns],
-                    dtype=np.float32).reshape(-1, 4),
-                "gt_crowd": np.asarray([a.get("iscrowd", 0) for a in anns], dtype=bool),
+                **_ground_truth(self._records[inp["image_id"]]),
                 "boxes": inst.pred_boxes.tensor.numpy(),
                 "scores": inst.scores.numpy().astype(np.float64),
             })
