@@ -18,7 +18,7 @@ from gfocal.data.tree_crowns import (
     tile_grid,
 )
 
-# Boxes in deepforest 2.1.0's VOC files (see ../shared/ENVIRONMENT.md).
+# Boxes in deepforest 2.1.0's VOC files.
 SOURCE_BOXES = {"train": 574, "val": 279}
 # What the default TileSpec (400 px, overlap 200 / 0, min_visible 0.5) produces from them.
 EXPECTED = {"train": (132, 2585, 365), "val": (12, 474, 60)}  # tiles, boxes, of them iscrowd

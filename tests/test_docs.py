@@ -1,0 +1,187 @@
+"""The user documentation holds: every relative link of README.md and docs/ resolves (files and
+``#anchors``), every command the README shows parses with its script's own argument parser (and
+config overrides with the config), and the FAQ's onnxruntime example runs on an exported model."""
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+from typing import Dict, List, Tuple
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detectron2.modeling import build_model
+
+from gfocal.export import export_onnx
+
+from conftest import REPO_ROOT, tiny_cfg
+
+DOCS = [os.path.join(REPO_ROOT, "README.md")] + sorted(
+    os.path.join(REPO_ROOT, "docs", f)
+    for f in os.listdir(os.path.join(REPO_ROOT, "docs"))
+    if f.endswith(".md")
+)
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _rel(path: str) -> str:
+    return os.path.relpath(path, REPO_ROOT)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation but ``-`` and ``_``
+    removed, spaces to ``-``."""
+    text = heading.strip().lower()
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def anchors(path: str) -> set:
+    found, counts = set(), {}
+    in_code = False
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("```"):
+            in_code = not in_code
+        if in_code or not line.startswith("#"):
+            continue
+        slug = github_anchor(line.lstrip("#"))
+        n = counts.get(slug, 0)
+        counts[slug] = n + 1
+        found.add(slug if n == 0 else f"{slug}-{n}")
+    return found
+
+
+def links(path: str) -> List[str]:
+    text = open(path, encoding="utf-8").read()
+    text = re.sub(r"```.*?```", "", text, flags=re.S)  # no links inside code blocks
+    return LINK.findall(text)
+
+
+def test_github_anchor_rule():
+    assert github_anchor(" The paper's ablation (Table 3) on this data\n") == "the-papers-ablation-table-3-on-this-data"
+    assert github_anchor("`MODEL.GFL.REG_MAX` and levels") == "modelgflreg_max-and-levels"
+
+
+@pytest.mark.parametrize("path", DOCS, ids=_rel)
+def test_relative_links_resolve(path):
+    broken = []
+    for target in links(path):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+        if not os.path.exists(dest):
+            broken.append(f"{target}: no file {_rel(dest)}")
+        elif anchor and dest.endswith(".md") and anchor not in anchors(dest):
+            broken.append(f"{target}: no heading with anchor #{anchor} in {_rel(dest)}")
+    assert not broken, f"{_rel(path)}: broken links:\n  " + "\n  ".join(broken)
+
+
+def test_no_reference_outside_the_repository():
+    for path in DOCS:
+        text = open(path, encoding="utf-8").read()
+        assert "../shared" not in text and "/work/" not in text, _rel(path)
+
+
+def readme_commands() -> List[Tuple[str, List[str]]]:
+    """(script, argv) of each ``.venv/bin/python SCRIPT ...`` line in the README's bash blocks
+    (continuation lines joined, comments and ``&&`` chains split)."""
+    text = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        block = block.replace("\\\n", " ")
+        for line in block.splitlines():
+            line = line.split("  #")[0].split(" # ")[0].strip()
+            for part in line.split("&&"):
+                words = shlex.split(part.strip()) if part.strip() else []
+                if len(words) >= 2 and words[0].endswith("python") and words[1].endswith(".py"):
+                    commands.append((words[1], words[2:]))
+    return commands
+
+
+def _load(script: str):
+    path = os.path.join(REPO_ROOT, script)
+    spec = importlib.util.spec_from_file_location("readme_" + re.sub(r"\W", "_", script), path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(path))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    return module
+
+
+def test_readme_shows_commands():
+    scripts = {s for s, _ in readme_commands()}
+    assert {"tools/main_job.py", "train_net.py"} <= scripts, scripts
+
+
+@pytest.mark.parametrize("script,argv", readme_commands(), ids=lambda x: x if isinstance(x, str) else " ".join(x)[:60])
+def test_readme_command_parses(script, argv):
+    """Each README command's flags parse with the script's parser; for the training scripts the
+    config file loads and the trailing KEY VALUE overrides merge into it."""
+    assert os.path.isfile(os.path.join(REPO_ROOT, script)), f"README names a missing script {script}"
+    module = _load(script)
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)
+    try:
+        if script in ("train_net.py",):
+            args = module.parse_args(argv) if hasattr(module, "parse_args") else _d2_args(argv)
+            module.load_config(args)
+        elif script == "lazyconfig_train_net.py":
+            from detectron2.config import LazyConfig
+
+            args = _d2_args(argv)
+            LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+        elif hasattr(module, "parse_args"):
+            module.parse_args(argv)
+        else:
+            pytest.fail(f"{script} has no parse_args(argv): cannot check the README's command")
+    finally:
+        os.chdir(cwd)
+
+
+def _d2_args(argv):
+    from detectron2.engine import default_argument_parser
+
+    return default_argument_parser().parse_args(argv)
+
+
+def faq_onnx_example() -> str:
+    text = open(os.path.join(REPO_ROOT, "docs", "faq.md"), encoding="utf-8").read()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "onnxruntime" in b]
+    assert len(blocks) == 1, "docs/faq.md should hold one onnxruntime example"
+    return blocks[0]
+
+
+def test_faq_onnx_example_runs(tmp_path):
+    torch.manual_seed(0)
+    cfg = tiny_cfg()
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        nn.init.normal_(model.head.cls_score.weight, std=0.02)
+        nn.init.constant_(model.head.cls_score.bias, 0.5)  # many scores above the example's 0.3
+    g = torch.Generator().manual_seed(1)
+    bgr = torch.randint(0, 256, (96, 128, 3), generator=g, dtype=torch.uint8).numpy()
+    image_path, out_path, model_path = tmp_path / "in.png", tmp_path / "out.png", tmp_path / "m.onnx"
+    cv2.imwrite(str(image_path), bgr)
+    export_onnx(model, torch.as_tensor(bgr.astype(np.float32).transpose(2, 0, 1)), str(model_path))
+    script = tmp_path / "run_onnx.py"
+    script.write_text(faq_onnx_example())
+    done = subprocess.run(
+        [sys.executable, str(script), str(model_path), str(image_path), str(out_path), "96"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    count = int(re.search(r"^(\d+) boxes", done.stdout, flags=re.M).group(1))
+    with torch.no_grad():
+        scores = model([{"image": torch.as_tensor(bgr.astype(np.float32).transpose(2, 0, 1))}])[0]["instances"].scores
+    assert count == int((scores >= 0.3).sum()) > 0
+    drawn = cv2.imread(str(out_path))
+    assert drawn.shape == bgr.shape and (drawn != bgr).any(), "no box was drawn"
