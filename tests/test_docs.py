@@ -141,8 +141,10 @@ def test_readme_command_parses(script, argv):
             LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
         elif hasattr(module, "parse_args"):
             module.parse_args(argv)
+        elif hasattr(module, "get_parser"):
+            module.get_parser().parse_args(argv)
         else:
-            pytest.fail(f"{script} has no parse_args(argv): cannot check the README's command")
+            pytest.fail(f"{script} has no parse_args(argv) or get_parser(): cannot check the README's command")
     finally:
         os.chdir(cwd)
 
