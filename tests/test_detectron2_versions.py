@@ -104,3 +104,23 @@ def test_lazy_max_iter_override_compresses_the_whole_schedule():
         scheduler.step()
     assert all(b > a for a, b in zip(yaml_lrs, yaml_lrs[1:]))  # still warming up at 20
     assert yaml_lrs[19] < cfg.SOLVER.BASE_LR
+
+
+def test_documented_shortened_schedule_keeps_steps_in_iterations():
+    """The command of docs/detectron2_versions.md that shortens a LazyConfig run: its steps are
+    at the iterations it names."""
+    import shlex
+
+    with open(os.path.join(REPO_ROOT, "docs", "detectron2_versions.md")) as f:
+        text = f.read()
+    block = text.split("To shorten a\nLazyConfig run")[1].split("```bash\n")[1].split("```")[0]
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == [".venv/bin/python", "lazyconfig_train_net.py"]
+    config = argv[argv.index("--config-file") + 1]
+    overrides = argv[argv.index("--config-file") + 2:]
+    lazy = LazyConfig.apply_overrides(LazyConfig.load(os.path.join(REPO_ROOT, config)), overrides)
+    base_lr = lazy.optimizer.lr
+    lrs = _lrs(instantiate(lazy.lr_multiplier), lazy.train.max_iter, base_lr)
+    assert len(lrs) == 300
+    assert lrs[219] == pytest.approx(base_lr) and lrs[220] == pytest.approx(base_lr * 0.1)
+    assert lrs[279] == pytest.approx(base_lr * 0.1) and lrs[280] == pytest.approx(base_lr * 0.01)

@@ -195,3 +195,16 @@ def test_missing_image_files_are_named_before_training(tmp_path):
     assert f"'{name}': 8 of its 10 image files do not exist" in message
     assert all(m in message for m in missing[:5]) and missing[5] not in message
     assert "remote.png" not in message and str(present) not in message
+
+
+def test_docs_python_example_compiles_and_imports():
+    """The snippet of docs/reliability.md (it downloads a zoo model, so it is not run here)."""
+    import ast
+
+    with open(os.path.join(os.path.dirname(CONFIG_DIR), "docs", "reliability.md")) as f:
+        code = f.read().split("```python\n")[1].split("```")[0]
+    tree = ast.parse(code)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            module = __import__(node.module, fromlist=[a.name for a in node.names])
+            assert all(hasattr(module, a.name) for a in node.names), node.module

@@ -12,15 +12,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["check_bgr_image", "check_model_images", "EXPECTED_FORMAT"]
+__all__ = ["check_bgr_image", "check_model_images", "EXPECTED_FORMAT", "MODEL_FORMAT"]
 
 EXPECTED_FORMAT = "an (H, W, 3) BGR image with values 0-255 (uint8, as cv2.imread returns it)"
+MODEL_FORMAT = ("(C, H, W) image tensors with values 0-255 (a predictor makes them from "
+                f"{EXPECTED_FORMAT})")
 
 
 def _unit_range_warning(where: str, max_value: float) -> None:
     warnings.warn(
         f"{where}: every pixel value is at most {max_value:g}: the image looks scaled to [0, 1], "
-        f"but the model expects {EXPECTED_FORMAT}; multiply by 255 (e.g. "
+        f"but the model expects {MODEL_FORMAT}; multiply by 255 (e.g. "
         "(image * 255).astype(np.uint8)), or its detections are meaningless",
         UserWarning,
         stacklevel=3,
@@ -72,7 +74,7 @@ def check_model_images(
         if num_bad:
             raise ValueError(
                 f"{where}: image {i} of the batch has {int(num_bad)} NaN or infinite values; the "
-                f"model takes {EXPECTED_FORMAT}"
+                f"model takes {MODEL_FORMAT}"
             )
         if 0.0 < max_value <= 1.0 < pixel_mean_max:
             _unit_range_warning(f"{where}: image {i} of the batch", max_value)
