@@ -124,3 +124,26 @@ def test_documented_shortened_schedule_keeps_steps_in_iterations():
     assert len(lrs) == 300
     assert lrs[219] == pytest.approx(base_lr) and lrs[220] == pytest.approx(base_lr * 0.1)
     assert lrs[279] == pytest.approx(base_lr * 0.1) and lrs[280] == pytest.approx(base_lr * 0.01)
+
+
+def test_ci_runs_the_whole_suite_under_the_simulation():
+    with open(os.path.join(REPO_ROOT, ".ci", "run")) as f:
+        lines = [line.split("#")[0].strip() for line in f]
+    assert "GFOCAL_SIMULATE_UPSTREAM_NO_OPS=1 .venv/bin/python -m pytest -q" in lines
+
+
+@pytest.mark.skipif(os.environ.get("GFOCAL_SIMULATE_UPSTREAM_NO_OPS") != "1",
+                    reason="checks the upstream simulation (GFOCAL_SIMULATE_UPSTREAM_NO_OPS=1)")
+def test_the_simulation_is_active():
+    import detectron2.engine.defaults
+    import detectron2.solver
+    from conftest import upstream_build_optimizer
+
+    assert detectron2.solver.build_optimizer is upstream_build_optimizer
+    assert detectron2.engine.defaults.build_optimizer is upstream_build_optimizer
+    with pytest.raises(ImportError):
+        import detectron2.model_zoo  # noqa: F401
+    from detectron2.layers import DeformConv
+
+    with pytest.raises(ImportError, match="detectron2._C"):
+        DeformConv(1, 1, 1)
