@@ -13,8 +13,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO_ROOT, "configs")
 
 # GFOCAL_SIMULATE_UPSTREAM_NO_OPS=1: run the suite as on upstream detectron2 main installed without
-# its compiled ops, where DeformConv and ModulatedDeformConv are dummies that raise ImportError when
-# built (detectron2/layers/deform_conv.py). No registry carries upstream main, so CI simulates it.
+# its compiled ops, beside a current setuptools. No registry carries upstream main, so CI simulates
+# the differences that matter to this project:
+# - DeformConv and ModulatedDeformConv are dummies that raise ImportError when built
+#   (detectron2/layers/deform_conv.py);
+# - build_optimizer passes foreach=True to SGD (detectron2/solver/build.py, since late 2022);
+# - pkg_resources cannot be imported (setuptools >= 81 removed it), so detectron2.model_zoo, which
+#   imports it, fails to import: the project must not need it.
+# Only this process is simulated: tests that start train_net.py in a subprocess run the real 0.6.
 UPSTREAM_DUMMY_MODULES = ("detectron2.layers", "detectron2.layers.deform_conv",
                           "detectron2.modeling.backbone.resnet")
 
@@ -42,8 +48,57 @@ def simulate_upstream_without_ops(set_attribute=setattr) -> None:
             set_attribute(module, name, upstream_dummy_class(name))
 
 
+def upstream_build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """detectron2 main's ``build_optimizer``: 0.6's, plus ``foreach=True`` for SGD."""
+    from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+    params = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
+    )
+    optimizer = torch.optim.SGD(params, lr=cfg.SOLVER.BASE_LR, momentum=cfg.SOLVER.MOMENTUM,
+                                nesterov=cfg.SOLVER.NESTEROV, weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+                                foreach=True)
+    return maybe_add_gradient_clipping(cfg, optimizer)
+
+
+UPSTREAM_BUILD_OPTIMIZER_MODULES = ("detectron2.solver", "detectron2.solver.build",
+                                    "detectron2.engine.defaults")
+
+
+def simulate_upstream_solver(set_attribute=setattr) -> None:
+    """Make detectron2's ``build_optimizer`` main's, wherever detectron2 looks it up."""
+    import importlib
+
+    for module_name in UPSTREAM_BUILD_OPTIMIZER_MODULES:
+        set_attribute(importlib.import_module(module_name), "build_optimizer",
+                      upstream_build_optimizer)
+
+
+def simulate_setuptools_without_pkg_resources(set_item=None) -> None:
+    """``import pkg_resources`` raises ImportError, as with setuptools >= 81 (``set_item`` may be
+    ``monkeypatch.setitem``)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "detectron2.model_zoo" or
+                 m.startswith("detectron2.model_zoo.")]:
+        if set_item is None:
+            del sys.modules[name]
+        else:
+            set_item(sys.modules, name, None)
+    if set_item is None:
+        sys.modules["pkg_resources"] = None
+    else:
+        set_item(sys.modules, "pkg_resources", None)
+
+
 if os.environ.get("GFOCAL_SIMULATE_UPSTREAM_NO_OPS") == "1":
     simulate_upstream_without_ops()
+    simulate_upstream_solver()
+    simulate_setuptools_without_pkg_resources()
 
 # Same thread count in every test process: results of some tests depend on it.
 torch.set_num_threads(min(2, torch.get_num_threads()))

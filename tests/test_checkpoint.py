@@ -106,6 +106,58 @@ def test_checkpoint_matching_nothing_is_an_error(saved, tmp_path):
 # --------------------------------------------------------------------------------------------
 # Damaged files
 # --------------------------------------------------------------------------------------------
+def _random_bytes(n: int, seed: int) -> bytes:
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8).numpy().tobytes()
+
+
+def _no_unsafe_advice(excinfo) -> str:
+    """The whole report a user sees, chained causes included; it must not advise unpickling."""
+    import traceback
+
+    text = "".join(traceback.format_exception(excinfo.value))
+    assert "weights_only=False" not in text and "weights_only` set to `False" not in text, text
+    return text
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+@pytest.mark.parametrize("content", ["random100", "random4096", "empty", "zip_magic", "text"])
+def test_unreadable_file_is_a_checkpoint_read_error_naming_it(saved, tmp_path, suffix, content):
+    data = {
+        "random100": _random_bytes(100, 0),  # torch: "Unsupported operand 95"; pickle: load key
+        "random4096": _random_bytes(4096, 1),
+        "empty": b"",
+        "zip_magic": b"PK\x03\x04" + _random_bytes(200, 2),
+        "text": b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n",
+    }[content]
+    path = tmp_path / f"weights{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(CheckpointReadError) as err:
+        GFLCheckpointer(saved[0]).load(str(path))
+    assert str(path) in str(err.value)
+    _no_unsafe_advice(err)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".pkl"])
+def test_pickle_that_is_no_checkpoint_is_a_read_error(saved, tmp_path, suffix):
+    import pickle
+
+    path = tmp_path / f"numbers{suffix}"
+    if suffix == ".pth":
+        torch.save([1, 2, 3], str(path))
+    else:
+        path.write_bytes(pickle.dumps(42))
+    with pytest.raises(CheckpointReadError, match=str(path)):
+        GFLCheckpointer(saved[0]).load(str(path))
+
+
+def test_directory_is_a_read_error_listing_its_checkpoints(saved):
+    folder = os.path.dirname(saved[1])
+    with pytest.raises(CheckpointReadError, match=r"is a directory.*model_a\.pth") as err:
+        GFLCheckpointer(saved[0]).load(folder)
+    assert folder in str(err.value)
+
+
 @pytest.mark.parametrize("keep", [0.0, 0.01, 0.5, 0.999])
 def test_truncated_pth_is_a_clear_error(saved, tmp_path, keep):
     _, path = saved

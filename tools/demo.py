@@ -25,6 +25,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import gfocal
 from gfocal import model_zoo
 from gfocal.conversion import ConversionError, convert_mmdet_gfl_checkpoint
+from gfocal.predictor import GFLPredictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW_NAME = "GFL detections"
@@ -173,7 +174,7 @@ def _run_video(args, predictor: DefaultPredictor, metadata) -> None:
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     cfg = setup_cfg(args)
-    predictor = DefaultPredictor(cfg)
+    predictor = GFLPredictor(cfg)  # DefaultPredictor with input checks
     metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if args.input:
         _run_images(args, predictor, metadata)

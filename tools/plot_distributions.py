@@ -10,9 +10,9 @@ import sys
 
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
-from detectron2.engine import DefaultPredictor
 
 from demo import setup_cfg, add_model_arguments
+from gfocal.predictor import GFLPredictor
 from gfocal.visualize_distributions import draw_distributions
 
 
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
         print(f"error: --input {args.input}: no such file", file=sys.stderr)
         return 2
     image = read_image(args.input, format="BGR")
-    instances = DefaultPredictor(cfg)(image)["instances"].to("cpu")
+    instances = GFLPredictor(cfg)(image)["instances"].to("cpu")
     if len(instances) == 0:
         print(f"error: no detection above --confidence-threshold {args.confidence_threshold}",
               file=sys.stderr)

@@ -5,10 +5,20 @@
 # package installed in editable mode.
 #
 #   GFOCAL_PYTHON=/path/to/python  use that interpreter's environment instead of creating .venv
-#                                  (e.g. one where detectron2 was built from source); torch,
-#                                  torchvision and detectron2 already there are kept.
+#                                  (e.g. one where detectron2 was built from source). There, only
+#                                  what is missing or older than requirements.txt's pin is
+#                                  installed (as a range: >=pin,<next major), nothing is ever
+#                                  downgraded (pip gets every installed version as a lower bound),
+#                                  torch, torchvision and detectron2 already there are kept, and
+#                                  each change is printed (tools/plan_requirements.py).
+#   GFOCAL_SETUP_DRY_RUN=1         with GFOCAL_PYTHON: print that plan, install nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+if [ -n "${GFOCAL_SETUP_DRY_RUN:-}" ] && [ -z "${GFOCAL_PYTHON:-}" ]; then
+  echo "[setup] GFOCAL_SETUP_DRY_RUN plans an install into GFOCAL_PYTHON's environment; .venv always gets requirements.txt's exact pins" >&2
+  exit 2
+fi
 
 if [ -n "${GFOCAL_PYTHON:-}" ]; then
   PY="$GFOCAL_PYTHON"
@@ -22,24 +32,44 @@ fi
 stamp_dir="$("$PY" -c 'import sys; print(sys.prefix)')"
 stamp="$stamp_dir/.gfocal-requirements.sha256"
 want="$(sha256sum requirements.txt tools/install_detectron2.py setup.cfg | sha256sum | cut -d' ' -f1)"
-if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import gfocal, detectron2" 2>/dev/null; then
+if [ -z "${GFOCAL_SETUP_DRY_RUN:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c "import gfocal, detectron2" 2>/dev/null; then
   echo "[setup] environment is up to date ($PY)"
   exit 0
 fi
 
-# Lines of requirements.txt marked "# --no-deps" are installed without their dependencies.
-reqs="$(mktemp)"
-nodeps="$(mktemp)"
-grep -v -- '# --no-deps' requirements.txt > "$reqs"
-grep -- '# --no-deps' requirements.txt | sed 's/#.*//' > "$nodeps"
-if "$PY" -c "import torch, torchvision, detectron2" 2>/dev/null && [ -n "${GFOCAL_PYTHON:-}" ]; then
-  # Keep the user's own torch/torchvision (detectron2 was built against them).
-  grep -vE '^(torch|torchvision)==' "$reqs" > "$reqs.keep" && mv "$reqs.keep" "$reqs"
+if [ -n "${GFOCAL_PYTHON:-}" ]; then
+  # The user's environment: install only what is missing or too old, never downgrade, say what.
+  plan="$(mktemp -d)"
+  keep=()
+  if "$PY" -c "import torch, torchvision" 2>/dev/null; then
+    keep=(torch torchvision)  # the user's own build (detectron2 is built against them)
+  fi
+  "$PY" tools/plan_requirements.py plan requirements.txt --out "$plan" --keep ${keep[@]+"${keep[@]}"}
+  if [ -n "${GFOCAL_SETUP_DRY_RUN:-}" ]; then
+    if ! "$PY" -c "import detectron2" 2>/dev/null; then
+      echo "[setup] install detectron2 0.6 without its C++ ops (tools/install_detectron2.py)"
+    fi
+    echo "[setup] install gfocal in editable mode (--no-deps)"
+    echo "[setup] dry run (GFOCAL_SETUP_DRY_RUN): nothing installed"
+    exit 0
+  fi
+  if [ -s "$plan/install.txt" ]; then
+    "$PY" -m pip install -q -c "$plan/constraints.txt" -r "$plan/install.txt"
+  fi
+  if [ -s "$plan/install-nodeps.txt" ]; then
+    "$PY" -m pip install -q --no-deps -c "$plan/constraints.txt" -r "$plan/install-nodeps.txt"
+  fi
+else
+  # Lines of requirements.txt marked "# --no-deps" are installed without their dependencies.
+  reqs="$(mktemp)"
+  nodeps="$(mktemp)"
+  grep -v -- '# --no-deps' requirements.txt > "$reqs"
+  grep -- '# --no-deps' requirements.txt | sed 's/#.*//' > "$nodeps"
+  echo "[setup] installing pinned requirements into $PY"
+  "$PY" -m pip install -q --upgrade pip
+  "$PY" -m pip install -q -r "$reqs"
+  "$PY" -m pip install -q --no-deps -r "$nodeps"
 fi
-echo "[setup] installing pinned requirements into $PY"
-"$PY" -m pip install -q --upgrade pip
-"$PY" -m pip install -q -r "$reqs"
-"$PY" -m pip install -q --no-deps -r "$nodeps"
 
 if "$PY" -c "import detectron2" 2>/dev/null; then
   # Upstream main also reports version 0.6: say where it is and, for a git checkout, its commit.
@@ -57,5 +87,8 @@ else
 fi
 
 "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+if [ -n "${GFOCAL_PYTHON:-}" ]; then
+  "$PY" tools/plan_requirements.py diff "$plan/installed.json"
+fi
 "$PY" -c "import gfocal, detectron2; print('[setup] gfocal ready with detectron2', detectron2.__version__)"
 echo "$want" > "$stamp"

@@ -1,7 +1,6 @@
 """A :class:`DetectionCheckpointer` for GFL: atomic saves, clear errors for unreadable files and
 for checkpoints whose head does not fit the model."""
 import os
-import pickle
 import zipfile
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -17,18 +16,31 @@ _HEAD_PREFIX = "head."
 
 
 class CheckpointReadError(RuntimeError):
-    """A checkpoint file exists but cannot be read (empty, truncated or corrupt)."""
+    """A checkpoint path that cannot be read: an empty, truncated or corrupt file, a file that is
+    no checkpoint, or a directory."""
 
 
 class HeadMismatchError(RuntimeError):
     """A checkpoint's head tensors do not fit the model's head."""
 
 
-def _unreadable_reason(path: str, error: BaseException) -> Optional[str]:
-    """Why ``path`` failed to load if it is a damaged file, else None (another kind of error)."""
+def _first_line(error: BaseException) -> str:
+    """The useful line of a load error: for torch's safe loader (``weights_only=True``) the
+    unpickler's own line, not its advice to unpickle the file unsafely."""
+    text = str(error)
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = text.split(marker, 1)[1].split("Check the documentation")[0]
+        return f"torch's safe loader: {' '.join(detail.split())}"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
+def _unreadable_reason(path: str, error: BaseException) -> Tuple[str, bool]:
+    """Why ``path`` failed to load, and whether it looks cut short (empty or truncated)."""
     size = os.path.getsize(path)
     if size == 0:
-        return "the file is empty (0 bytes)"
+        return "the file is empty (0 bytes)", True
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":  # torch's zip format: its central directory is at the very end
@@ -36,13 +48,15 @@ def _unreadable_reason(path: str, error: BaseException) -> Optional[str]:
             with zipfile.ZipFile(path) as archive:
                 bad_member = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError) as e:
-            return f"the zip archive is truncated or corrupt ({size} bytes; {e})"
+            return f"the zip archive is truncated or corrupt ({size} bytes; {e})", True
         if bad_member is not None:
-            return f"member {bad_member!r} of the zip archive is corrupt"
-        return None
+            return f"member {bad_member!r} of the zip archive is corrupt", True
+        return (f"torch.load cannot read this intact zip archive ({size} bytes; "
+                f"{_first_line(error)})"), False
     if isinstance(error, EOFError) or "truncated" in str(error):
-        return f"the pickle data ends early ({size} bytes): the file is truncated"
-    return None
+        return f"the pickle data ends early ({size} bytes): the file is truncated", True
+    return (f"it is neither a torch checkpoint nor a readable pickle file ({size} bytes, "
+            f"starting {magic!r}; {_first_line(error)})"), False
 
 
 class GFLCheckpointer(DetectionCheckpointer):
@@ -119,22 +133,40 @@ class GFLCheckpointer(DetectionCheckpointer):
     # ------------------------------------------------------------------------------------------
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         self._path = path
+        if path and os.path.isdir(path):
+            files = sorted(f for f in os.listdir(path) if f.endswith((".pth", ".pkl")))
+            raise CheckpointReadError(
+                f"Cannot load checkpoint {path}: it is a directory, not a file; give a checkpoint "
+                f"file{' in it: ' + str(files[:5]) if files else ''} (MODEL.WEIGHTS or "
+                "train.init_checkpoint), or resume from the folder with --resume and OUTPUT_DIR."
+            )
         return super().load(path, *args, **kwargs)
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
         try:
-            return super()._load_file(filename)
-        except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
-            reason = _unreadable_reason(filename, e) if os.path.isfile(filename) else None
-            if reason is None:
+            loaded = super()._load_file(filename)
+        except Exception as e:  # noqa: BLE001 - any failure to read an existing file is named
+            if not os.path.isfile(filename):
                 raise
+            reason, cut_short = _unreadable_reason(filename, e)
             others = sorted(set(self.get_all_checkpoint_files()) - {filename}) if self.save_dir else []
             hint = f" Other checkpoints in {self.save_dir}: {others}." if others else ""
+            cause = ("It was probably cut short while being written or copied" if cut_short else
+                     "It is not a checkpoint this checkpointer reads (a .pth of torch.save'd "
+                     "tensors, or a detectron2 / Detectron .pkl)")
+            error = CheckpointReadError(
+                f"Cannot load checkpoint {filename}: {reason}. {cause}; use another file "
+                f"(MODEL.WEIGHTS, or the name in {self.save_dir or '<save_dir>'}/last_checkpoint "
+                f"when resuming).{hint}"
+            )
+            # torch's safe-loader error advises weights_only=False: not for an unreadable file.
+            raise error from (None if "weights_only" in str(e) else e)
+        if not isinstance(loaded.get("model"), dict):
             raise CheckpointReadError(
-                f"Cannot load checkpoint {filename}: {reason}. It was probably cut short while "
-                f"being written or copied; use another file (MODEL.WEIGHTS, or the name in "
-                f"{self.save_dir or '<save_dir>'}/last_checkpoint when resuming).{hint}"
-            ) from e
+                f"Cannot load checkpoint {filename}: its 'model' entry is a "
+                f"{type(loaded.get('model')).__name__}, not a dict of tensors."
+            )
+        return loaded
 
     def _load_model(self, checkpoint: Any):
         num_checkpoint_keys = len(checkpoint.get("model", {}))

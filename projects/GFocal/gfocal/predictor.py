@@ -1,15 +1,18 @@
-"""A predictor for LazyConfig configs (detectron2's ``DefaultPredictor`` takes a YAML config)."""
+"""A predictor for LazyConfig configs (detectron2's ``DefaultPredictor`` takes a YAML config), and
+``DefaultPredictor`` with checked inputs and :class:`GFLCheckpointer`'s errors."""
 from typing import Optional
 
 import numpy as np
 import torch
 
 import detectron2.data.transforms as T
-from detectron2.config import instantiate
+from detectron2.config import CfgNode, instantiate
+from detectron2.engine import DefaultPredictor
 
 from .checkpoint import GFLCheckpointer
+from .input_checks import check_bgr_image
 
-__all__ = ["LazyPredictor"]
+__all__ = ["LazyPredictor", "GFLPredictor"]
 
 
 class LazyPredictor:
@@ -37,9 +40,7 @@ class LazyPredictor:
         GFLCheckpointer(self.model).load(weights)
 
     def __call__(self, original_image: np.ndarray) -> dict:
-        if original_image.ndim != 3 or original_image.shape[2] != 3:
-            raise ValueError(f"LazyPredictor takes an (H, W, 3) BGR image, got shape "
-                             f"{original_image.shape}")
+        check_bgr_image(original_image, "LazyPredictor")
         with torch.no_grad():
             if self.input_format == "RGB":
                 original_image = original_image[:, :, ::-1]
@@ -48,3 +49,24 @@ class LazyPredictor:
             self.augmentations(aug_input)
             image = torch.as_tensor(aug_input.image.astype("float32").transpose(2, 0, 1))
             return self.model([{"image": image, "height": height, "width": width}])[0]
+
+
+class GFLPredictor(DefaultPredictor):
+    """detectron2's ``DefaultPredictor`` (YAML config, same outputs) that refuses what it cannot
+    read as an (H, W, 3) 0-255 BGR image with a message naming the problem
+    (:func:`~gfocal.input_checks.check_bgr_image`), and loads ``MODEL.WEIGHTS`` with
+    :class:`GFLCheckpointer` (named errors for unreadable files and head mismatches)."""
+
+    def __init__(self, cfg: CfgNode):
+        no_weights = cfg.clone()
+        no_weights.defrost()
+        no_weights.MODEL.WEIGHTS = ""
+        super().__init__(no_weights)
+        self.cfg = cfg.clone()
+        GFLCheckpointer(
+            self.model, head_mismatch=cfg.MODEL.GFL.CHECKPOINT_HEAD_MISMATCH
+        ).load(cfg.MODEL.WEIGHTS)
+
+    def __call__(self, original_image: np.ndarray) -> dict:
+        check_bgr_image(original_image, "GFLPredictor")
+        return super().__call__(original_image)

@@ -18,6 +18,7 @@ wholly outside the image                    dropped, counted
 no boxes left in an image                   the image is kept as all-negative, or removed by
                                             ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``
 hundreds of boxes                           kept (ATSS is batched; see the README)
+an image file missing on disk               error naming the first few and the count
 ==========================================  ================================================
 
 Clipping needs the record's ``height`` and ``width``; without them the box is kept as it is and
@@ -25,6 +26,7 @@ detectron2's mapper clips it after the augmentation. Kept boxes are written as X
 """
 import logging
 import math
+import os
 import numbers
 from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -36,7 +38,8 @@ from detectron2.data.build import (
 )
 from detectron2.structures import BoxMode
 
-__all__ = ["sanitize_annotations", "check_num_classes", "load_train_dataset_dicts", "DROP_REASONS"]
+__all__ = ["sanitize_annotations", "check_num_classes", "check_image_files",
+           "load_train_dataset_dicts", "DROP_REASONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,6 +156,20 @@ def check_num_classes(dataset_names: Sequence[str], num_classes: int) -> None:
             )
 
 
+def check_image_files(dataset_dicts: Sequence[dict], dataset_name: str, show: int = 5) -> None:
+    """Refuse a dataset whose image files are missing: a stat of each local ``file_name`` before
+    training, instead of a FileNotFoundError in a loader worker when that image is sampled.
+    Names with a scheme (``s3://``, ...) are left to detectron2's PathManager."""
+    missing = [r["file_name"] for r in dataset_dicts
+               if "file_name" in r and "://" not in str(r["file_name"])
+               and not os.path.isfile(r["file_name"])]
+    if missing:
+        raise FileNotFoundError(
+            f"Dataset '{dataset_name}': {len(missing)} of its {len(dataset_dicts)} image files do "
+            f"not exist, e.g. {missing[:show]}; check the image root of its registration"
+        )
+
+
 def load_train_dataset_dicts(cfg) -> List[dict]:
     """The records of ``cfg.DATASETS.TRAIN``, checked and cleaned by the rules of this module,
     then filtered like detectron2's ``get_detection_dataset_dicts``."""
@@ -172,6 +189,7 @@ def train_dataset_dicts(
         records = DatasetCatalog.get(name)
         if not len(records):
             raise ValueError(f"Dataset '{name}' (DATASETS.TRAIN) is empty")
+        check_image_files(records, name)
         dicts.extend(sanitize_annotations(records, name, num_classes)[0])
     if filter_empty:
         dicts = filter_images_with_only_crowd_annotations(dicts)

@@ -1,5 +1,6 @@
 """The GFL meta-architecture (Li et al., "Generalized Focal Loss", NeurIPS 2020)."""
 import logging
+import warnings
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -16,6 +17,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..config import check_gfl_config, check_size_divisibility
+from ..input_checks import check_model_images
 from .atss import atss_assign, pad_gt_boxes
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
@@ -163,6 +165,11 @@ class GFL(DenseDetector):
     # ------------------------------------------------------------------------------------------
     # Shared pieces
     # ------------------------------------------------------------------------------------------
+    def preprocess_image(self, batched_inputs: List[Dict[str, Tensor]]) -> ImageList:
+        # NaN/inf pixels: an error; a float image in [0, 1]: a warning (gfocal/input_checks.py).
+        check_model_images([x["image"] for x in batched_inputs], self.pixel_mean)
+        return super().preprocess_image(batched_inputs)
+
     def _flatten_predictions(
         self, predictions: Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]
     ) -> Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]]:
@@ -348,6 +355,7 @@ class GFL(DenseDetector):
             box_logits: per-level (Ri, box_dim).
         """
         all_boxes, all_scores, all_classes, all_box_logits = [], [], [], []
+        num_non_finite = 0
         for anchors_i, scores_i, box_logits_i, stride in zip(anchors, scores, box_logits, self.strides):
             # Top-k of all (anchor, class) scores, then the threshold: the same candidates as
             # thresholding first and sorting, without a nonzero and a sort over every score.
@@ -363,11 +371,21 @@ class GFL(DenseDetector):
             class_idxs = flat_idxs % scores_i.shape[1]
             centers = anchors_i.get_centers()[anchor_idxs]
             distances = self.decode_distances(box_logits_i[anchor_idxs]) * stride
-            all_boxes.append(distances_to_boxes(centers, distances))
-            all_scores.append(candidate_scores)
-            all_classes.append(class_idxs)
+            boxes_i = distances_to_boxes(centers, distances)
+            # Non-finite head outputs (a diverged model) give NaN/inf boxes: drop them.
+            finite = torch.isfinite(boxes_i).all(dim=1)
+            num_non_finite = num_non_finite + (~finite).sum()
+            all_boxes.append(boxes_i[finite])
+            all_scores.append(candidate_scores[finite])
+            all_classes.append(class_idxs[finite])
             if self.output_distributions:
-                all_box_logits.append(box_logits_i[anchor_idxs])
+                all_box_logits.append(box_logits_i[anchor_idxs[finite]])
+        if not torch.jit.is_tracing() and int(num_non_finite):
+            warnings.warn(
+                f"GFL inference: dropped {int(num_non_finite)} candidate boxes with NaN or "
+                "infinite coordinates (non-finite head outputs: diverged weights or inputs?)",
+                RuntimeWarning,
+            )
         boxes = Boxes(cat(all_boxes))
         boxes.clip(image_size)
         scores_all = cat(all_scores)
