@@ -322,3 +322,33 @@ def test_demo_draws_class_names_of_a_registered_dataset(voc, capsys):
     cfg.DATASETS.TEST = ("not_registered_here",)
     assert demo.class_metadata(cfg, []).get("thing_classes", None) is None
     assert "pass --dataset" in capsys.readouterr().err
+
+
+def test_two_cpu_workers_register_the_dataset_each(tmp_path):
+    """``train_net.py --num-gpus 2``: each spawned worker registers the --dataset itself."""
+    import subprocess
+    import sys
+
+    import torch
+
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    for ext in (".xml", ".png"):
+        shutil.copy(os.path.join(DATA, "OSBS_029" + ext), voc)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-W", "ignore", os.path.join(REPO_ROOT, "train_net.py"), "--num-gpus", "2",
+        "--config-file", os.path.join(REPO_ROOT, "configs", "trees", "gfl_lite0_trees.yaml"),
+        "--dataset", f"workers_voc=voc:{voc}", "DATASETS.TRAIN", "('workers_voc',)", "DATASETS.TEST", "()",
+        "MODEL.DEVICE", "cpu", "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB", "0", "SOLVER.MAX_ITER", "2",
+        "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "()",
+        "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256",
+        "OUTPUT_DIR", str(out),
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "World size: 2" in (out / "log.txt").read_text()
+    # Rank 1 builds its own training loader from the dataset: it was registered there too.
+    assert "Starting training from iteration 0" in (out / "log.txt.rank1").read_text()
+    assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 1
