@@ -40,6 +40,7 @@ def get_parser() -> argparse.ArgumentParser:
                         "names, else DATASETS.TRAIN)")
     parser.add_argument("--synthetic-coco", type=int, default=0, metavar="N",
                         help="analyse N synthetic 640x480 images with COCO's box-size statistics instead")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic-coco")
     parser.add_argument("--max-clamped-fraction", type=float, default=0.001,
                         help="the share of clamped edge targets a recommended REG_MAX may leave")
     parser.add_argument("--min-level-share", type=float, default=0.01,
@@ -69,8 +70,8 @@ def main(argv=None) -> int:
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     if args.synthetic_coco:
-        names = [f"synthetic COCO-sized ({args.synthetic_coco} images)"]
-        images = _records_boxes(synthetic_coco_sized_records(args.synthetic_coco), names[0], 1)
+        names = [f"synthetic COCO-sized ({args.synthetic_coco} images, seed {args.seed})"]
+        images = _records_boxes(synthetic_coco_sized_records(args.synthetic_coco, args.seed), names[0], 1)
     else:
         names = args.analyze or registered or list(cfg.DATASETS.TRAIN)
         images = []
