@@ -352,3 +352,32 @@ def test_two_cpu_workers_register_the_dataset_each(tmp_path):
     # Rank 1 builds its own training loader from the dataset: it was registered there too.
     assert "Starting training from iteration 0" in (out / "log.txt.rank1").read_text()
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 1
+
+
+def test_lazyconfig_trains_and_evaluates_a_voc_dataset(voc, tmp_path):
+    """``lazyconfig_train_net.py --dataset``: a few iterations and the COCO evaluation of it."""
+    import subprocess
+    import sys
+
+    one = tmp_path / "one"
+    one.mkdir()
+    for ext in (".xml", ".png"):
+        shutil.copy(os.path.join(DATA, "OSBS_029" + ext), one)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-W", "ignore", os.path.join(REPO_ROOT, "lazyconfig_train_net.py"),
+        "--config-file", os.path.join(REPO_ROOT, "configs", "trees", "gfl_lite0_trees.py"),
+        "--dataset", f"lazy_voc=voc:{one}", "dataloader.train.dataset.names=lazy_voc",
+        "dataloader.test.dataset.names=lazy_voc", "train.max_iter=2",
+        "dataloader.train.total_batch_size=1", "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0", "model.backbone.bottom_up.feature_cache_mb=0",
+        "lr_multiplier.scheduler.milestones=[]", "lr_multiplier.scheduler.values=[1.0]",
+        "lr_multiplier.scheduler.num_updates=2", "model.test_score_thresh=0.0",
+        f"train.output_dir={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "copypaste: AP,AP50" in proc.stdout + proc.stderr
+    copy = json.loads((out / "inference" / "lazy_voc_coco_format.json").read_text())
+    assert [c["name"] for c in copy["categories"]] == ["Tree"] and len(copy["annotations"]) == 61
