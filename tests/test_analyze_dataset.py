@@ -64,9 +64,11 @@ def test_distances_are_the_dfl_targets_of_training(toy_image, monkeypatch):
     with EventStorage():
         model([toy_image])
     boxes = toy_image["instances"].gt_boxes.tensor.numpy().astype(np.float64)
-    strides = level_strides(model.head_in_features, {k: v.stride for k, v in model.backbone.output_shape().items()})
-    stats, counts = analyze_boxes([((128, 160), boxes)], model.head_in_features, strides, [128], 1333,
-                                  topk=model.topk, size_divisibility=model.backbone.size_divisibility)
+    known = {k: v.stride for k, v in model.backbone.output_shape().items()}
+    strides = level_strides(model.head_in_features, known)
+    stats, counts = analyze_boxes(
+        [((128, 160), boxes)], model.head_in_features, strides, [128], 1333, topk=model.topk,
+        size_divisibility=model.backbone.size_divisibility)
     ours = np.sort(np.concatenate([s.distances for s in stats]).clip(0, reg_max - CLAMP_MARGIN))
     theirs = np.sort(captured[0].numpy())
     assert len(theirs) > 0 and np.allclose(ours, theirs, atol=1e-4)

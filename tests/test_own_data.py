@@ -205,6 +205,7 @@ def test_bad_voc_input_names_file_and_object(tmp_path, case, match):
     [
         ("image_path,xmin,ymin,xmax,ymax\n", r"line 1: header .* lacks \['label'\]"),
         ("image_path,xmin,ymin,xmax,ymax,label\nSOAP_061.png,1,2,30\n", r"a\.csv line 2: 4 fields"),
+        ("image_path,xmin,ymin,xmax,ymax,label\nSOAP_061.png,1,2,30,40,Dead,7\n", r"a\.csv line 2: 7 fields"),
         ("image_path,xmin,ymin,xmax,ymax,label\nSOAP_061.png,1,2,30,40,Dead\nSOAP_061.png,1,x,30,40,Dead\n",
          r"a\.csv line 3: ymin='x' is not a number"),
         ("image_path,xmin,ymin,xmax,ymax,label\nSOAP_061.png,1,2,30,40,Dead\nnope.png,1,2,30,40,Dead\n",

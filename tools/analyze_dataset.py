@@ -22,13 +22,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_backbone
 
 import gfocal
-from gfocal.data.analysis import (
-    _records_boxes,
-    analyze_dataset,
-    format_report,
-    plot_histograms,
-    synthetic_coco_sized_records,
-)
+from gfocal.data.analysis import records_boxes, synthetic_coco_sized_records
+from gfocal.data.analysis_report import analyze_dataset, format_report, plot_histograms
 from gfocal.data.register import add_dataset_arguments, register_datasets_from_args
 
 
@@ -39,13 +34,15 @@ def get_parser() -> argparse.ArgumentParser:
                         help="registered datasets to analyse together (default: the --dataset "
                         "names, else DATASETS.TRAIN)")
     parser.add_argument("--synthetic-coco", type=int, default=0, metavar="N",
-                        help="analyse N synthetic 640x480 images with COCO's box-size statistics instead")
+                        help="analyse N synthetic 640x480 images with COCO's box-size "
+                        "statistics instead")
     parser.add_argument("--seed", type=int, default=0, help="random seed of --synthetic-coco")
     parser.add_argument("--max-clamped-fraction", type=float, default=0.001,
                         help="the share of clamped edge targets a recommended REG_MAX may leave")
     parser.add_argument("--min-level-share", type=float, default=0.01,
                         help="pyramid-end levels with fewer positives than this share are dropped")
-    parser.add_argument("--output", default="output/analysis", help="folder for report.json and distances.png")
+    parser.add_argument("--output", default="output/analysis",
+                        help="folder for report.json and distances.png")
     add_dataset_arguments(parser)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return parser
@@ -71,20 +68,21 @@ def main(argv=None) -> int:
     cfg.merge_from_list(args.opts)
     if args.synthetic_coco:
         names = [f"synthetic COCO-sized ({args.synthetic_coco} images, seed {args.seed})"]
-        images = _records_boxes(synthetic_coco_sized_records(args.synthetic_coco, args.seed), names[0], 1)
+        records = synthetic_coco_sized_records(args.synthetic_coco, args.seed)
+        images = records_boxes(records, names[0], 1)
     else:
         names = args.analyze or registered or list(cfg.DATASETS.TRAIN)
         images = []
         for name in names:
             if name not in DatasetCatalog.list():
-                print(f"error: dataset {name!r} is not registered; use --dataset {name}=FORMAT:PATH",
-                      file=sys.stderr)
+                print(f"error: dataset {name!r} is not registered; use --dataset "
+                      f"{name}=FORMAT:PATH", file=sys.stderr)
                 return 2
             records = DatasetCatalog.get(name)
             classes = MetadataCatalog.get(name).get("thing_classes", None)
             num_classes = len(classes) if classes else 1 + max(
                 (a["category_id"] for r in records for a in r.get("annotations", [])), default=0)
-            images += _records_boxes(records, name, num_classes)
+            images += records_boxes(records, name, num_classes)
     strides, size_divisibility = _backbone_geometry(cfg)
     report, stats, rec_stats = analyze_dataset(
         images, cfg, strides, size_divisibility, args.max_clamped_fraction, args.min_level_share)
@@ -96,7 +94,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.output, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     png = os.path.join(args.output, "distances.png")
-    plot_histograms(stats, cfg.MODEL.GFL.REG_MAX, png, f"{title}: {os.path.basename(args.config_file)}",
+    plot_histograms(stats, cfg.MODEL.GFL.REG_MAX, png,
+                    f"{title}: {os.path.basename(args.config_file)}",
                     recommended=report["recommended"]["REG_MAX"])
     print(f"wrote {os.path.join(args.output, 'report.json')} and {png}")
     return 0

@@ -28,7 +28,9 @@ def scale_solver_to_batch(cfg) -> Optional[str]:
     when off. Sets the reference to ``IMS_PER_BATCH``, so the dumped ``config.yaml`` read again
     (``--resume``) is not scaled twice."""
     solver = cfg.SOLVER
-    ratio = _ratio(solver.IMS_PER_BATCH, solver.REFERENCE_IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH", KEY)
+    ratio = _ratio(
+        solver.IMS_PER_BATCH, solver.REFERENCE_IMS_PER_BATCH, "SOLVER.IMS_PER_BATCH", KEY
+    )
     if ratio is None:
         return None
     reference, lr, warmup = solver.REFERENCE_IMS_PER_BATCH, solver.BASE_LR, solver.WARMUP_ITERS
@@ -50,7 +52,9 @@ def scale_lazy_solver_to_batch(cfg) -> Optional[str]:
     ``lr_multiplier.warmup_length`` (capped at 1)."""
     reference = cfg.train.get("reference_batch_size", 0)
     batch = cfg.dataloader.train.total_batch_size
-    ratio = _ratio(batch, reference, "dataloader.train.total_batch_size", "train.reference_batch_size")
+    ratio = _ratio(
+        batch, reference, "dataloader.train.total_batch_size", "train.reference_batch_size"
+    )
     if ratio is None:
         return None
     lr = cfg.optimizer.lr

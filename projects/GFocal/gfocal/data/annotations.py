@@ -167,7 +167,9 @@ def load_train_dataset_dicts(cfg) -> List[dict]:
     """The records of ``cfg.DATASETS.TRAIN``, checked and cleaned by the rules of this module,
     then filtered like detectron2's ``get_detection_dataset_dicts``."""
     return train_dataset_dicts(
-        list(cfg.DATASETS.TRAIN), cfg.MODEL.GFL.NUM_CLASSES, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        list(cfg.DATASETS.TRAIN),
+        cfg.MODEL.GFL.NUM_CLASSES,
+        cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
         num_classes_key=YAML_NUM_CLASSES_KEY,
     )
 

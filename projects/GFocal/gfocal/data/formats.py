@@ -15,8 +15,8 @@ format     ``PATH``                                     ``IMAGE_ROOT`` (default)
            (deepforest; extra columns are ignored)      boxes (deepforest's convention)
 =========  ===========================================  ===========================================
 
-Coordinates are absolute pixels, XYXY for VOC and CSV, taken as written (no 1-pixel shift: deepforest
-and most tools write 0-based corners). VOC ``<difficult>`` objects are kept as normal boxes.
+Coordinates are absolute pixels, XYXY for VOC and CSV, taken as written (no 1-pixel shift:
+deepforest and most tools write 0-based corners). VOC ``<difficult>`` objects are kept as normal boxes.
 VOC and CSV class ids follow the order of ``classes`` (default: the sorted label names found).
 
 Errors name the file and the object or row: a missing or unreadable image, malformed XML or CSV, a
@@ -222,9 +222,12 @@ def _read_csv_rows(csv_path: str) -> List[Tuple[int, dict]]:
             for row in reader:
                 line = reader.line_num
                 if None in row or any(row.get(c) is None for c in CSV_COLUMNS):
+                    # DictReader: surplus fields under the key None, missing ones as None values
+                    fields = sum(v is not None for k, v in row.items() if k is not None)
+                    fields += len(row.get(None) or [])
                     raise DataFormatError(
-                        f"{csv_path} line {line}: {len([v for v in row.values() if v is not None])}"
-                        f" fields, expected the {len(header)} columns {header}"
+                        f"{csv_path} line {line}: {fields} fields, expected the {len(header)} "
+                        f"columns {header}"
                     )
                 rows.append((line, {k: v.strip() for k, v in row.items()}))
     except UnicodeDecodeError as e:
@@ -237,7 +240,7 @@ def _read_csv_rows(csv_path: str) -> List[Tuple[int, dict]]:
 def load_csv(
     csv_path: str, image_root: Optional[str] = None, classes: Optional[Sequence[str]] = None
 ) -> Tuple[List[dict], List[str]]:
-    """Records of a deepforest-style CSV (images in order of first appearance) and the class list."""
+    """Records of a deepforest-style CSV (images in order of first appearance), class list."""
     rows = _read_csv_rows(csv_path)
     if not rows:
         raise DataFormatError(f"{csv_path}: no rows after the header")
@@ -269,7 +272,9 @@ def load_csv(
 # ------------------------------------------------------------------------------------------------
 # COCO
 # ------------------------------------------------------------------------------------------------
-def load_coco(json_path: str, image_root: Optional[str], dataset_name: str) -> Tuple[List[dict], List[str]]:
+def load_coco(
+    json_path: str, image_root: Optional[str], dataset_name: str
+) -> Tuple[List[dict], List[str]]:
     """detectron2's ``load_coco_json`` (which also sets ``thing_classes`` and the id mapping in
     the metadata of ``dataset_name``), with the image files checked."""
     from detectron2.data import MetadataCatalog
@@ -281,11 +286,14 @@ def load_coco(json_path: str, image_root: Optional[str], dataset_name: str) -> T
     try:
         records = load_coco_json(json_path, image_root, dataset_name)
     except (ValueError, KeyError, TypeError, AssertionError) as e:
-        raise DataFormatError(f"{json_path}: not a COCO instances file ({type(e).__name__}: {e})") from e
+        raise DataFormatError(
+            f"{json_path}: not a COCO instances file ({type(e).__name__}: {e})"
+        ) from e
     for record in records:
         if not os.path.isfile(record["file_name"]):
             raise DataFormatError(
-                f"{json_path}: image id {record['image_id']}: image {record['file_name']} does not exist"
+                f"{json_path}: image id {record['image_id']}: image {record['file_name']} "
+                "does not exist"
             )
     return records, list(MetadataCatalog.get(dataset_name).thing_classes)
 

@@ -93,7 +93,9 @@ def register_datasets_from_args(args: argparse.Namespace) -> List[str]:
     return register_datasets(specs, _parse_classes(getattr(args, "classes", None)))
 
 
-def register_datasets(specs: Sequence[DatasetSpec], classes: Optional[Sequence[str]] = None) -> List[str]:
+def register_datasets(
+    specs: Sequence[DatasetSpec], classes: Optional[Sequence[str]] = None
+) -> List[str]:
     """Read, check and register ``specs``; idempotent for the same specs in one process."""
     names = [s.name for s in specs]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -140,12 +142,14 @@ def _register(spec: DatasetSpec, classes: List[str]) -> None:
                 spec.format, len(records), num_boxes, thing_classes)
 
 
-def check_datasets(names: Sequence[str], num_classes: int, key: str = "MODEL.GFL.NUM_CLASSES") -> None:
+def check_datasets(
+    names: Sequence[str], num_classes: int, key: str = "MODEL.GFL.NUM_CLASSES"
+) -> None:
     """Before anything is written: every name registered, one class list, ``num_classes`` equal
     to its length (the error says which ``key`` to set to what)."""
     from .annotations import check_num_classes
 
-    names = [n for n in dict.fromkeys(names)]
+    names = list(dict.fromkeys(names))
     missing = [n for n in names if n not in DatasetCatalog.list()]
     if missing:
         raise ValueError(
