@@ -78,7 +78,7 @@ def do_train(args, cfg):
     )
     trainer.register_hooks(
         [
-            NonFiniteLossGuard(cfg.train.checkpointer.period, LAZY_ADVICE),
+            NonFiniteLossGuard(cfg.train.checkpointer.period, LAZY_ADVICE, checkpointer),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)

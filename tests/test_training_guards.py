@@ -95,9 +95,9 @@ def _data(bad_iter: int):
 def _trainer(model, data, tmp_path, extra=()):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = SimpleTrainer(model, data, optimizer)
-    trainer.checkpointer = GFLCheckpointer(model, str(tmp_path))
-    trainer.register_hooks([*extra, NonFiniteLossGuard(checkpoint_period=2),
-                            hooks.PeriodicCheckpointer(trainer.checkpointer, 2)])
+    checkpointer = GFLCheckpointer(model, str(tmp_path))
+    trainer.register_hooks([*extra, NonFiniteLossGuard(2, checkpointer=checkpointer),
+                            hooks.PeriodicCheckpointer(checkpointer, 2)])
     return trainer
 
 

@@ -37,11 +37,14 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class NonFiniteLossGuard(HookBase):
-    """See the module doc. Register it before the ``PeriodicCheckpointer``."""
+    """See the module doc. Register it before the ``PeriodicCheckpointer``. ``checkpointer``
+    (default: the trainer's ``checkpointer`` attribute, as DefaultTrainer has) names the last
+    checkpoint in the error."""
 
-    def __init__(self, checkpoint_period: int = 0, advice: str = YAML_ADVICE):
+    def __init__(self, checkpoint_period: int = 0, advice: str = YAML_ADVICE, checkpointer=None):
         self.checkpoint_period = checkpoint_period
         self.advice = advice
+        self.checkpointer = checkpointer
         self._handle = None
 
     def before_train(self):
@@ -83,7 +86,7 @@ class NonFiniteLossGuard(HookBase):
         return max(g["lr"] for g in optimizer.param_groups)
 
     def _last_checkpoint(self) -> str:
-        checkpointer = getattr(self.trainer, "checkpointer", None)
+        checkpointer = self.checkpointer or getattr(self.trainer, "checkpointer", None)
         path = checkpointer.get_checkpoint_file() if checkpointer is not None else ""
         if not path:
             return " No checkpoint was written yet."
