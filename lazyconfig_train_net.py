@@ -9,6 +9,10 @@ bfloat16 autocast on CPU).
         train.init_checkpoint=output/trees/gfl_lite0/model_final.pth
 
 Trailing ``key=value`` overrides are LazyConfig's (``train.max_iter=100``, ``optimizer.lr=0.01``).
+Your own annotations: ``--dataset NAME=FORMAT:PATH[:IMAGE_ROOT]`` as in train_net.py, then
+``dataloader.train.dataset.names=NAME dataloader.test.dataset.names=... model.num_classes=K
+dataloader.train.dataset.num_classes=K`` (docs/own_data.md). ``train.reference_batch_size=16``
+scales optimizer.lr and the warm-up to ``dataloader.train.total_batch_size`` (linear scaling).
 With ``train.device=cpu``, ``--num-gpus N`` starts N CPU worker processes (gloo).
 """
 import logging
@@ -28,8 +32,12 @@ from detectron2.utils import comm
 
 import gfocal  # noqa: F401  (registers the GFL meta-architecture, backbones and datasets)
 from gfocal.amp import AutocastTrainer
+from gfocal.batch_scaling import scale_lazy_solver_to_batch
 from gfocal.checkpoint import GFLCheckpointer
+from gfocal.data.annotations import LAZY_NUM_CLASSES_KEY
+from gfocal.data.register import add_dataset_arguments, check_datasets, register_datasets_from_args
 from gfocal.engine import launch
+from gfocal.nonfinite_guard import LAZY_ADVICE, NonFiniteLossGuard
 
 logger = logging.getLogger("detectron2")
 
@@ -70,6 +78,7 @@ def do_train(args, cfg):
     )
     trainer.register_hooks(
         [
+            NonFiniteLossGuard(cfg.train.checkpointer.period, LAZY_ADVICE, checkpointer),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
@@ -94,9 +103,24 @@ def load_config(args):
     return LazyConfig.apply_overrides(cfg, args.opts)
 
 
+def _dataset_names(cfg) -> list:
+    names = []
+    for split in ("train", "test"):
+        dataset = cfg.dataloader.get(split, {}).get("dataset", {})
+        value = dataset.get("names", ()) if hasattr(dataset, "get") else ()
+        names += [value] if isinstance(value, str) else list(value)
+    return names
+
+
 def main(args):
+    register_datasets_from_args(args)  # in every worker process
     cfg = load_config(args)
+    scaling = scale_lazy_solver_to_batch(cfg)
+    # The data checks come before default_setup, which writes into train.output_dir.
+    check_datasets(_dataset_names(cfg), cfg.model.num_classes, key=LAZY_NUM_CLASSES_KEY)
     default_setup(cfg, args)
+    if scaling:
+        logger.info(scaling)
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
@@ -106,7 +130,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = add_dataset_arguments(default_argument_parser()).parse_args()
     launch(
         main,
         args.num_gpus,

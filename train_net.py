@@ -4,6 +4,13 @@
     python train_net.py --config-file configs/gfl_R_50_FPN_1x.yaml --num-gpus 8
     python train_net.py --config-file configs/gfl_R_50_FPN_1x.yaml --eval-only MODEL.WEIGHTS model.pth
     python train_net.py --config-file configs/trees/gfl_lite0_trees.yaml --num-gpus 2 MODEL.DEVICE cpu
+    python train_net.py --config-file configs/gfl_R_50_FPN_1x.yaml \
+        --dataset mine_train=voc:data/train_xml:data/images --dataset mine_val=coco:data/val.json \
+        DATASETS.TRAIN "('mine_train',)" DATASETS.TEST "('mine_val',)" MODEL.GFL.NUM_CLASSES 3
+
+``--dataset NAME=FORMAT:PATH[:IMAGE_ROOT]`` (coco, voc, csv; docs/own_data.md) registers your
+annotations in every worker. ``SOLVER.REFERENCE_IMS_PER_BATCH`` scales BASE_LR and WARMUP_ITERS to
+``SOLVER.IMS_PER_BATCH`` (linear scaling rule; gfocal/batch_scaling.py).
 
 With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU worker processes (gloo; gfocal/engine.py).
 
@@ -22,11 +29,14 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluators, verify_resul
 import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
 from gfocal import add_gfl_config
 from gfocal.amp import cpu_amp_trainer
+from gfocal.batch_scaling import scale_solver_to_batch
 from gfocal.checkpoint import GFLCheckpointer
 from gfocal.engine import cpu_ddp, launch
 from gfocal.data.annotations import check_num_classes, load_train_dataset_dicts
 from gfocal.data.augmentation import build_train_augmentation
+from gfocal.data.register import add_dataset_arguments, check_datasets, register_datasets_from_args
 from gfocal.evaluation import PrecisionRecallEvaluator
+from gfocal.nonfinite_guard import NonFiniteLossGuard
 from gfocal.utils import has_detectron2_ops
 
 
@@ -49,7 +59,8 @@ class Trainer(DefaultTrainer):
             head_mismatch=self.cfg.MODEL.GFL.CHECKPOINT_HEAD_MISMATCH,
             trainer=weakref.proxy(self),
         )
-        return super().build_hooks()
+        # First, so that a non-finite model is never handed to the PeriodicCheckpointer.
+        return [NonFiniteLossGuard(self.cfg.SOLVER.CHECKPOINT_PERIOD)] + super().build_hooks()
 
     def state_dict(self):
         # detectron2 0.6 saves only the iteration and the hooks: the optimizer state (momentum,
@@ -103,12 +114,18 @@ def load_config(args):
 
 def setup(args):
     cfg = load_config(args)
+    scaling = scale_solver_to_batch(cfg)
     cfg.freeze()
+    # The data checks come before default_setup, which writes into OUTPUT_DIR.
+    check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.GFL.NUM_CLASSES)
     default_setup(cfg, args)
+    if scaling:
+        logging.getLogger("detectron2").info(scaling)
     return cfg
 
 
 def main(args):
+    register_datasets_from_args(args)  # in every worker process
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
@@ -126,7 +143,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = add_dataset_arguments(default_argument_parser()).parse_args()
     logging.getLogger(__name__).info("Command Line Args: %s", args)
     launch(
         main,

@@ -147,6 +147,7 @@ def test_same_data_solver_and_schedule(name):
     assert lazy.train.eval_period == cfg.TEST.EVAL_PERIOD
     assert lazy.train.amp.enabled == cfg.SOLVER.AMP.ENABLED
     assert lazy.train.seed == cfg.SEED
+    assert lazy.train.reference_batch_size == cfg.SOLVER.REFERENCE_IMS_PER_BATCH
     assert lazy.train.output_dir == cfg.OUTPUT_DIR
 
 

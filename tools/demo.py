@@ -4,6 +4,11 @@
     python tools/demo.py --zoo mmdet/gfl_R_50_FPN_1x --input photos/ --output output/demo/
     python tools/demo.py --config-file configs/mmdet/gfl_R_50_FPN_1x.yaml \\
         --mmdet-weights gfl_r50_fpn_1x_coco_20200629_121244-25944287.pth --input photo.jpg --output out/
+    python tools/demo.py --config-file output/mine/config.yaml --weights output/mine/model_final.pth \
+        --dataset mine_val=voc:data/val_xml --input photos/ --output out/
+
+Class names come from the metadata of ``DATASETS.TEST[0]`` (or of the first ``--dataset``):
+register your own dataset with ``--dataset NAME=FORMAT:PATH[:IMAGE_ROOT]`` as in train_net.py.
 """
 import argparse
 import glob
@@ -16,7 +21,7 @@ import cv2
 import tqdm
 
 from detectron2.config import CfgNode, get_cfg
-from detectron2.data import MetadataCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.video_visualizer import VideoVisualizer
@@ -25,6 +30,8 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 import gfocal
 from gfocal import model_zoo
 from gfocal.conversion import ConversionError, convert_mmdet_gfl_checkpoint
+from gfocal.data.annotations import check_num_classes
+from gfocal.data.register import add_dataset_arguments, register_datasets_from_args
 from gfocal.predictor import GFLPredictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -113,7 +120,22 @@ def get_parser() -> argparse.ArgumentParser:
     media.add_argument("--input", nargs="+", help="image files, globs ('dir/*.jpg') or folders")
     media.add_argument("--video-input", help="a video file")
     parser.add_argument("--output", help="file or folder for the drawn results; without it, a window")
+    add_dataset_arguments(parser)
     return parser
+
+
+def class_metadata(cfg: CfgNode, registered: List[str]):
+    """The metadata whose ``thing_classes`` name the model's classes: ``DATASETS.TEST[0]``, else
+    the first ``--dataset``; checked against ``MODEL.GFL.NUM_CLASSES``."""
+    name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
+    if registered and name not in registered:
+        name = registered[0]
+    if name is None or name not in DatasetCatalog.list():
+        print(f"warning: dataset {name!r} is not registered: detections are drawn with class ids; "
+              "pass --dataset NAME=FORMAT:PATH for names", file=sys.stderr)
+        return MetadataCatalog.get("__unused")
+    check_num_classes([name], cfg.MODEL.GFL.NUM_CLASSES)
+    return MetadataCatalog.get(name)
 
 
 def _run_images(args, predictor: DefaultPredictor, metadata) -> None:
@@ -173,9 +195,10 @@ def _run_video(args, predictor: DefaultPredictor, metadata) -> None:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
+    registered = register_datasets_from_args(args)
     cfg = setup_cfg(args)
+    metadata = class_metadata(cfg, registered)
     predictor = GFLPredictor(cfg)  # DefaultPredictor with input checks
-    metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
     if args.input:
         _run_images(args, predictor, metadata)
     else:

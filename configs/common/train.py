@@ -10,4 +10,7 @@ train = dict(
     log_period=20,
     device="cuda",
     seed=-1,
+    # optimizer.lr and the warm-up are for 16 images per batch: lazyconfig_train_net.py scales them
+    # to dataloader.train.total_batch_size (linear scaling rule; 0 uses them as written).
+    reference_batch_size=16,
 )

@@ -56,6 +56,7 @@ dataloader.test.mapper.augmentations[0].max_size = 400
 dataloader.test.num_workers = 1
 
 optimizer.lr = 0.02
+train.reference_batch_size = 0  # lr chosen at this batch (no linear scaling)
 # Guards the high-lr schedule against an early spike (per parameter).
 optimizer.clip_gradients = dict(clip_type="norm", clip_value=10.0, norm_type=2.0)
 lr_multiplier = multistep(900, [700, 850], warmup_iters=50, warmup_factor=0.1)

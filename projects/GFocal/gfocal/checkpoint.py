@@ -205,9 +205,13 @@ class GFLCheckpointer(DetectionCheckpointer):
                 "MODEL.GFL.CHECKPOINT_HEAD_MISMATCH 'reinit' to train these tensors from their "
                 "initialisation (fine-tuning on other classes)."
             )
+        reinit = sorted({k for k, _, _ in wrong} | set(missing))
+        # fvcore drops the tensors of other shapes before loading: they count as missing too.
+        loaded = len(set(self.model.state_dict()) - set(incompatible.missing_keys))
         self.logger.warning(
-            f"Checkpoint {self._path}: these GFL head tensors keep their initialisation "
-            f"(MODEL.GFL.CHECKPOINT_HEAD_MISMATCH='reinit'):\n{report}"
+            f"Checkpoint {self._path}: re-initialised {reinit}; loaded the other {loaded} tensors "
+            f"(MODEL.GFL.CHECKPOINT_HEAD_MISMATCH='reinit').\n"
+            f"These GFL head tensors keep their initialisation:\n{report}"
         )
 
     @staticmethod

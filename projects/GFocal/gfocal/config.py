@@ -99,6 +99,11 @@ def add_gfl_config(cfg: CN) -> None:
     # (overhead imagery; gfocal/data/augmentation.py). Replaces INPUT.RANDOM_FLIP when True.
     _C.INPUT.DIHEDRAL_AUGMENTATION = False
 
+    # The batch BASE_LR and WARMUP_ITERS were written for: train_net.py scales them to
+    # SOLVER.IMS_PER_BATCH by the linear scaling rule (gfocal/batch_scaling.py). 0: off (the
+    # default; the COCO configs' Base-GFL.yaml sets 16, the paper's batch).
+    _C.SOLVER.REFERENCE_IMS_PER_BATCH = 0
+
     _C.TEST.PRECISION_RECALL = CN()
     _C.TEST.PRECISION_RECALL.ENABLED = False
     _C.TEST.PRECISION_RECALL.IOU_THRESH = 0.4

@@ -144,15 +144,25 @@ def _log_counts(dataset_name: str, counts: Counter, examples: Dict[str, str]) ->
     logger.warning("\n".join(lines))
 
 
-def check_num_classes(dataset_names: Sequence[str], num_classes: int) -> None:
-    """Refuse ``MODEL.GFL.NUM_CLASSES`` unequal to the datasets' number of ``thing_classes``."""
+YAML_NUM_CLASSES_KEY = "MODEL.GFL.NUM_CLASSES"
+LAZY_NUM_CLASSES_KEY = "model.num_classes"
+
+
+def check_num_classes(
+    dataset_names: Sequence[str], num_classes: int, key: str = YAML_NUM_CLASSES_KEY
+) -> None:
+    """Refuse ``num_classes`` (the config ``key``) unequal to the datasets' number of
+    ``thing_classes``; the message says which key to set to what."""
     for name in dataset_names:
         classes = MetadataCatalog.get(name).get("thing_classes", None)
         if classes is not None and len(classes) != num_classes:
+            n = len(classes)  # a LazyConfig sets the model's and the train loader's count
+            how = f"{key} {n}" if key == YAML_NUM_CLASSES_KEY else (
+                f"{LAZY_NUM_CLASSES_KEY}={n} dataloader.train.dataset.num_classes={n}")
             raise ValueError(
-                f"MODEL.GFL.NUM_CLASSES={num_classes} does not match dataset '{name}', whose "
+                f"{key}={num_classes} does not match dataset '{name}', whose "
                 f"metadata has {len(classes)} thing_classes {list(classes)[:5]}"
-                f"{'...' if len(classes) > 5 else ''}; set MODEL.GFL.NUM_CLASSES {len(classes)}"
+                f"{'...' if len(classes) > 5 else ''}; set {how}"
             )
 
 
@@ -174,16 +184,20 @@ def load_train_dataset_dicts(cfg) -> List[dict]:
     """The records of ``cfg.DATASETS.TRAIN``, checked and cleaned by the rules of this module,
     then filtered like detectron2's ``get_detection_dataset_dicts``."""
     return train_dataset_dicts(
-        list(cfg.DATASETS.TRAIN), cfg.MODEL.GFL.NUM_CLASSES, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        list(cfg.DATASETS.TRAIN),
+        cfg.MODEL.GFL.NUM_CLASSES,
+        cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+        num_classes_key=YAML_NUM_CLASSES_KEY,
     )
 
 
 def train_dataset_dicts(
-    names: Sequence[str], num_classes: int, filter_empty: bool = True
+    names: Sequence[str], num_classes: int, filter_empty: bool = True,
+    num_classes_key: str = "dataloader.train.dataset.num_classes",
 ) -> List[dict]:
     """:func:`load_train_dataset_dicts` with explicit arguments (the LazyConfig configs)."""
     names = [names] if isinstance(names, str) else list(names)
-    check_num_classes(names, num_classes)
+    check_num_classes(names, num_classes, key=num_classes_key)
     dicts: List[dict] = []
     for name in names:
         records = DatasetCatalog.get(name)

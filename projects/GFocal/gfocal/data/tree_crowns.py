@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from importlib.util import find_spec
 from typing import Dict, List, Optional, Tuple
@@ -97,25 +96,23 @@ def deepforest_data_dir() -> str:
 
 
 def read_voc_boxes(xml_path: str, image_hw: Tuple[int, int]) -> np.ndarray:
-    """(N, 4) float XYXY boxes of one Pascal VOC file, validated against the image size."""
-    root = ET.parse(xml_path).getroot()
+    """(N, 4) float XYXY boxes of one Pascal VOC file (:func:`~gfocal.data.formats.parse_voc_xml`),
+    all labelled ``Tree`` and inside the image (the shipped files are; the tiling relies on it)."""
+    from .formats import parse_voc_xml
+
     height, width = image_hw
     boxes = []
-    for i, obj in enumerate(root.iter("object")):
-        name = obj.findtext("name")
-        if name != CATEGORY_NAME:
-            raise ValueError(f"{xml_path}: object {i} has label {name!r}, expected {CATEGORY_NAME!r}")
-        bb = obj.find("bndbox")
-        try:
-            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-        except (AttributeError, TypeError, ValueError) as e:
-            raise ValueError(f"{xml_path}: object {i} has no valid <bndbox>") from e
-        x0, y0, x1, y1 = box
+    for i, obj in enumerate(parse_voc_xml(xml_path)[2]):
+        if obj.name != CATEGORY_NAME:
+            raise ValueError(
+                f"{xml_path}: object {i} has label {obj.name!r}, expected {CATEGORY_NAME!r}"
+            )
+        x0, y0, x1, y1 = obj.box
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
             raise ValueError(
-                f"{xml_path}: object {i} box {box} is empty or outside the {width}x{height} image"
+                f"{xml_path}: object {i} box {obj.box} is empty or outside the {width}x{height} image"
             )
-        boxes.append(box)
+        boxes.append(obj.box)
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
 
 
