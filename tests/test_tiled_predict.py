@@ -273,3 +273,16 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
 def test_predict_help_parses():
     run = _predict(["--help"])
     assert run.returncode == 0 and "--patch-size" in run.stdout and "--precision" in run.stdout
+
+
+def test_yell_geotiff_tool_writes_the_documented_georeference(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("yell_geotiff", os.path.join(REPO_ROOT, "tools", "yell_geotiff.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = str(tmp_path / "yell_val.tif")
+    assert tool.main(["--split", "val", "--output", out]) == 0
+    with rasterio.open(out) as src:
+        assert (src.width, src.height, src.count) == (1249, 1035, 3) and src.crs.to_epsg() == 32612
+        assert (src.transform.c, src.transform.f, src.transform.a, src.transform.e) == (541000.0, 4978000.0, 0.1, -0.1)

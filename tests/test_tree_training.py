@@ -83,3 +83,9 @@ def test_main_job_short_run(tmp_path):
     # summary.json counts that as AP 0).
     assert {"bbox/AP", "bbox/AP50", "bbox/AP75"} <= set(lines[-1])
     assert "AP " in proc.stdout and "images:" in proc.stdout
+    # Whole-image evaluation (tiled prediction stitched per image) beside the per-tile figures.
+    whole = summary["whole_image"]
+    assert whole["val"]["images"] == ["2019_YELL_2_541000_4977000_image_crop.png"]
+    assert whole["val"]["at_threshold"]["num_gt"] == 279 and 0.0 <= whole["val"]["AP"] <= 100.0
+    assert whole["train"]["best_f1"]["num_gt"] == 574
+    assert "whole validation image (tiled prediction, stitched)" in proc.stdout

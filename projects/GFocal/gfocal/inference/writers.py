@@ -93,22 +93,26 @@ def write_geojson(path: str, rows: Sequence[dict], boxes: np.ndarray, crs, trans
 def write_drawing(path: str, reader, boxes: np.ndarray, scores: np.ndarray, max_side: int = 2048,
                   score_thresh: float = 0.0) -> float:
     """Draw the boxes (score >= ``score_thresh``) on the whole image, downscaled so that its
-    longer side is at most ``max_side``; the image is read window by window, row strip by row
-    strip, each strip downscaled on its own, so a huge image is never held at full size.
+    longer side is at most ``max_side``; the image is read in blocks of ``chunk`` x ``chunk``
+    pixels, each downscaled on its own, so a huge image is never held at full size.
     Returns the scale."""
     import cv2
 
+    chunk = 1024
     scale = min(1.0, max_side / max(reader.height, reader.width))
     out_w, out_h = max(1, round(reader.width * scale)), max(1, round(reader.height * scale))
     canvas = np.zeros((out_h, out_w, 3), dtype=np.uint8)
-    strip = max(1, int(np.ceil(512 / scale)))  # source rows per strip (about 512 output rows)
-    for y0 in range(0, reader.height, strip):
-        y1 = min(reader.height, y0 + strip)
+    for y0 in range(0, reader.height, chunk):
+        y1 = min(reader.height, y0 + chunk)
         oy0, oy1 = round(y0 * scale), round(y1 * scale)
-        if oy1 <= oy0:
-            continue
-        part = reader.read(0, y0, reader.width, y1)
-        canvas[oy0:oy1] = cv2.resize(part, (out_w, oy1 - oy0), interpolation=cv2.INTER_AREA)
+        for x0 in range(0, reader.width, chunk):
+            x1 = min(reader.width, x0 + chunk)
+            ox0, ox1 = round(x0 * scale), round(x1 * scale)
+            if oy1 > oy0 and ox1 > ox0:
+                canvas[oy0:oy1, ox0:ox1] = cv2.resize(
+                    np.ascontiguousarray(reader.read(x0, y0, x1, y1)), (ox1 - ox0, oy1 - oy0),
+                    interpolation=cv2.INTER_AREA,
+                )
     canvas = np.ascontiguousarray(canvas[:, :, ::-1])  # RGB -> BGR for OpenCV
     thickness = max(1, round(2 * scale)) if scale < 1 else 2
     for (x0, y0, x1, y1), s in zip(np.asarray(boxes).reshape(-1, 4) * scale, scores):
