@@ -55,8 +55,8 @@ def parse_args(argv=None):
                    help="square synthetic GeoTIFFs predicted in a fresh process each")
     p.add_argument("--read-only-size", type=int, default=20000,
                    help="a synthetic GeoTIFF only read window by window, tile by tile (0: skip)")
-    p.add_argument("--sections", nargs="+", default=["speed", "precision", "memory"],
-                   choices=["speed", "precision", "memory"])
+    p.add_argument("--sections", nargs="+", default=["merge", "speed", "precision", "memory"],
+                   choices=["merge", "speed", "precision", "memory"])
     p.add_argument("--output", default=os.path.join(REPO, "output/benchmarks/tiled_predict.json"))
     p.add_argument("--memory-child", nargs=2, metavar=("TIFF", "PRECISION"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -194,6 +194,56 @@ def speed_section(args, cfg, image_rgb):
 
 
 # ----------------------------------------------------------------------------------------------
+def merge_section(args, cfg):
+    """Seam rules on the whole validation image, from one set of per-tile predictions (our grid):
+    ours (seam rule + NMS), NMS only, and SAHI's default merge (GREEDYNMM, IOS 0.5; without its
+    extra full-image prediction) and SAHI's NMS with IOS 0.5, each scored as a whole image."""
+    import torch
+    from sahi.postprocess.combine import GreedyNMMPostprocess, NMSPostprocess
+    from sahi.prediction import ObjectPrediction
+
+    from gfocal.evaluation.precision_recall import best_f1_threshold
+    from gfocal.evaluation.whole_image import coco_ap, tree_whole_images
+    from gfocal.inference import TiledPredictor, merge_detections, open_image, tile_windows
+
+    im = tree_whole_images("val")
+    predictor = TiledPredictor(cfg, patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size)
+    with open_image(im["path"]) as reader:
+        hw = (reader.height, reader.width)
+        grid = tile_windows(hw, args.patch_size, args.overlap)
+        tiles = []
+        for i in range(0, len(grid), args.batch_size):
+            chunk = grid[i:i + args.batch_size]
+            tiles += predictor.predict_tiles([reader.read(*w) for w in chunk.tolist()])
+    boxes = torch.cat([t.pred_boxes.tensor + torch.tensor([w[0], w[1], w[0], w[1]], dtype=torch.float32)
+                       for t, w in zip(tiles, grid.tolist())])
+    scores = torch.cat([t.scores for t in tiles])
+    classes = torch.cat([t.pred_classes for t in tiles])
+    wins = torch.cat([torch.as_tensor(w, dtype=torch.float32).expand(len(t), 4) for t, w in zip(tiles, grid.tolist())])
+    grid_t = torch.as_tensor(grid, dtype=torch.float32)
+    nms = predictor.model.test_nms_thresh
+    merged = {}
+    for name, margin in (("seam rule + NMS (ours, default)", 2.0), ("NMS only", -1.0)):
+        b, sc, _, _ = merge_detections(boxes, scores, classes, wins, grid_t, hw, nms, 100000, margin)
+        merged[name] = (b.numpy(), sc.numpy())
+    preds = [ObjectPrediction(bbox=b, category_id=int(c), category_name="Tree", score=float(x))
+             for b, x, c in zip(boxes.tolist(), scores.tolist(), classes.tolist())]
+    for name, post in (("SAHI default: GREEDYNMM, IOS 0.5", GreedyNMMPostprocess(0.5, "IOS", False)),
+                       ("SAHI NMS, IOS 0.5", NMSPostprocess(0.5, "IOS", False))):
+        kept = post(list(preds))
+        merged[name] = (np.array([p.bbox.to_xyxy() for p in kept]).reshape(-1, 4),
+                        np.array([p.score.value for p in kept]))
+    table = {}
+    for name, (b, sc) in merged.items():
+        scored = [{"gt_boxes": im["gt_boxes"], "gt_crowd": np.zeros(len(im["gt_boxes"]), bool), "boxes": b, "scores": sc}]
+        ap = coco_ap(scored)
+        best = best_f1_threshold(scored, 0.4)
+        table[name] = {**ap, "detections": int(len(sc)), "best_f1": best["f1"], "best_f1_score": best["score_thresh"],
+                       "precision": best["precision"], "recall": best["recall"]}
+    return {"tiles": int(len(grid)), "raw_detections": int(len(scores)), "rules": table}
+
+
+# ----------------------------------------------------------------------------------------------
 def precision_section(args, cfg, image_rgb):
     from gfocal.evaluation.whole_image import coco_ap, tree_whole_images
     from gfocal.inference import TiledPredictor
@@ -319,6 +369,14 @@ def memory_section(args, image_rgb):
 # ----------------------------------------------------------------------------------------------
 def markdown(report) -> str:
     lines = []
+    if "merge" in report:
+        mg = report["merge"]
+        lines += [f"Whole validation image, {mg['tiles']} tiles, {mg['raw_detections']} tile detections", "",
+                  "| merge | detections | AP | AP50 | best F1 at IoU 0.4 (score, P, R) |", "|---|---|---|---|---|"]
+        for name, r in mg["rules"].items():
+            lines.append(f"| {name} | {r['detections']} | {r['AP']:.1f} | {r['AP50']:.1f} | {r['best_f1']:.1f} "
+                         f"({r['best_f1_score']:.2f}, {r['precision']:.1f}, {r['recall']:.1f}) |")
+        lines.append("")
     if "speed" in report:
         sp = report["speed"]
         lines += [f"Image {sp['image_hw'][1]}x{sp['image_hw'][0]} ({sp['megapixels']:.2f} MP), {sp['tiles']} tiles, "
@@ -365,6 +423,10 @@ def main(argv=None):
     image_rgb = np.ascontiguousarray(cv2.imread(tree_whole_images("train")["path"])[:, :, ::-1])
     cfg = load_cfg(args.config_file, args.weights)
     report = {"threads": args.threads, "patch_size": args.patch_size, "overlap": args.overlap}
+    if "merge" in args.sections:
+        report["merge"] = merge_section(args, cfg)
+        save_json(args.output, report)
+        print(markdown(report), flush=True)
     if "speed" in args.sections:
         report["speed"] = speed_section(args, cfg, image_rgb)
         save_json(args.output, report)

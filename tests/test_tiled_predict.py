@@ -286,3 +286,16 @@ def test_yell_geotiff_tool_writes_the_documented_georeference(tmp_path):
     with rasterio.open(out) as src:
         assert (src.width, src.height, src.count) == (1249, 1035, 3) and src.crs.to_epsg() == 32612
         assert (src.transform.c, src.transform.f, src.transform.a, src.transform.e) == (541000.0, 4978000.0, 0.1, -0.1)
+
+
+def test_whole_image_ap_counts_more_than_100_detections():
+    from gfocal.evaluation.whole_image import coco_ap
+
+    # 150 objects found exactly: AP 100 only if the cap is above COCO's default of 100.
+    gt = np.array([[20.0 * i, 0, 20.0 * i + 10, 10] for i in range(150)])
+    perfect = coco_ap([{"gt_boxes": gt, "boxes": gt, "scores": np.linspace(1, 0.5, 150)}], max_dets=1000)
+    assert perfect["AP"] == pytest.approx(100.0) and perfect["AP50"] == pytest.approx(100.0)
+    half = coco_ap([{"gt_boxes": gt, "boxes": gt[:75], "scores": np.linspace(1, 0.5, 75)}], max_dets=1000)
+    assert half["AP"] == pytest.approx(50.0, abs=1.0)
+    capped = coco_ap([{"gt_boxes": gt, "boxes": gt, "scores": np.linspace(1, 0.5, 150)}], max_dets=100)
+    assert capped["AP"] < 70.0

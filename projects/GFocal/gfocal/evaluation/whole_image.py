@@ -57,8 +57,17 @@ def coco_ap(images: Sequence[dict], max_dets: int = 10000) -> Dict[str, float]:
         ev.params.maxDets = [1, 10, max_dets]
         ev.evaluate()
         ev.accumulate()
-        ev.summarize()
-    return {k: float(ev.stats[i]) * 100 for i, k in enumerate(METRIC_KEYS)}
+    # COCOeval.summarize() reads its AP at a fixed maxDets of 100: read the precision array
+    # (IoU x recall x class x area x maxDets) at all areas and the last cap instead.
+    precision = ev.eval["precision"][:, :, 0, 0, -1]
+    ious = list(np.round(ev.params.iouThrs, 2))
+
+    def mean(p: np.ndarray) -> float:
+        p = p[p > -1]
+        return float(p.mean()) * 100 if p.size else 0.0
+
+    return {"AP": mean(precision), "AP50": mean(precision[ious.index(0.5)]),
+            "AP75": mean(precision[ious.index(0.75)])}
 
 
 def evaluate_whole_images(
