@@ -2,8 +2,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -199,34 +197,40 @@ def _tiny_config_file(tmp_path) -> str:
     return path
 
 
-def _predict(args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "predict.py")] + args,
-                          capture_output=True, text=True, cwd=REPO_ROOT)
+def _predict_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("predict_tool", os.path.join(REPO_ROOT, "tools", "predict.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
 
 
 def test_cli_writes_all_outputs_and_handles_bad_input(tmp_path):
+    predict = _predict_tool().main
     config = _tiny_config_file(tmp_path)
     images = tmp_path / "images"
     images.mkdir()
-    rgb = np.random.default_rng(3).integers(0, 255, (300, 380, 3), dtype=np.uint8)
+    rgb = np.random.default_rng(3).integers(0, 255, (256, 380, 3), dtype=np.uint8)
     _write_geotiff(str(images / "geo.tif"), rgb, transform=from_origin(541000.0, 4977000.0, 0.1, 0.1))
-    _write_geotiff(str(images / "nocrs.tif"), rgb, crs=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # rasterio's NotGeoreferencedWarning on writing
+        _write_geotiff(str(images / "nocrs.tif"), rgb, crs=None)
     out = tmp_path / "out"
     base = ["--config-file", config, "--patch-size", "256", "--overlap", "64", "--output", str(out)]
-    run = _predict(base + [str(images)])
-    assert run.returncode == 0, run.stderr
-    assert "nocrs.tif: no CRS (not geo-referenced): outputs are in pixel coordinates" in run.stderr
+    with pytest.warns(UserWarning, match="nocrs.tif: no CRS \\(not geo-referenced\\): outputs are in pixel coordinates"):
+        assert predict(base + [str(images)]) == 0
     with open(out / "detections.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["image_path", "xmin", "ymin", "xmax", "ymax", "label", "score"]
     assert {r["image_path"] for r in rows} == {"geo.tif", "nocrs.tif"}
-    assert float(max(r["xmax"] for r in rows if r["image_path"] == "nocrs.tif")) <= 380
+    assert max(float(r["xmax"]) for r in rows if r["image_path"] == "nocrs.tif") <= 380
     with open(out / "coco_results.json") as f:
         assert len(json.load(f)) == len(rows)
     with open(out / "geo.geojson") as f:
         features = json.load(f)["features"]
     assert len(features) == sum(r["image_path"] == "geo.tif" for r in rows)
-    assert all(541000 <= x <= 541038 and 4976970 <= y <= 4977000
+    assert all(541000 <= x <= 541038 and 4976974.4 <= y <= 4977000
                for feat in features for x, y in feat["geometry"]["coordinates"][0])
     assert not (out / "nocrs.geojson").exists()
     assert (out / "geo_drawing.png").stat().st_size > 0 and (out / "nocrs_drawing.png").exists()
@@ -234,20 +238,25 @@ def test_cli_writes_all_outputs_and_handles_bad_input(tmp_path):
 
     # Results already there: refused unless --overwrite; nothing touched.
     before = (out / "detections.csv").read_bytes()
-    again = _predict(base + [str(images)])
-    assert again.returncode != 0 and "already holds results" in again.stderr and "--overwrite" in again.stderr
+    with pytest.raises(SystemExit, match="already holds results .*pass --overwrite"):
+        predict(base + [str(images)])
     assert (out / "detections.csv").read_bytes() == before
-    assert _predict(base + ["--overwrite", str(images / "geo.tif")]).returncode == 0
+    assert predict(base + ["--overwrite", str(images / "geo.tif")]) == 0
+    with open(out / "detections.csv") as f:
+        assert {r["image_path"] for r in csv.DictReader(f)} == {"geo.tif"}
 
-    # A corrupt image, and a bad overlap: errors naming the file / the flag.
+    # A corrupt image, a bad overlap, a patch below the coarsest stride: errors naming them.
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
-    run = _predict(base[:-2] + ["--output", str(tmp_path / "o2"), str(bad)])
-    assert run.returncode != 0 and f"{bad}: cannot be decoded as an image" in run.stderr
-    run = _predict(["--config-file", config, "--patch-size", "256", "--overlap", "300",
-                    "--output", str(tmp_path / "o3"), str(images / "geo.tif")])
-    assert run.returncode != 0 and "--overlap 300 must be in [0, --patch-size 256)" in run.stderr
-    assert not (tmp_path / "o2" / "detections.csv").exists()
+    with pytest.raises(SystemExit, match=f"{bad}: cannot be decoded as an image"):
+        predict(base[:-2] + ["--output", str(tmp_path / "o2"), str(images / "geo.tif"), str(bad)])
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(SystemExit, match=r"--overlap 300 must be in \[0, --patch-size 256\)"):
+        predict(["--config-file", config, "--patch-size", "256", "--overlap", "300",
+                 "--output", str(tmp_path / "o3"), str(images / "geo.tif")])
+    with pytest.raises(SystemExit, match="--patch-size 96 is below the model's coarsest stride 128"):
+        predict(["--config-file", config, "--patch-size", "96", "--overlap", "0",
+                 "--output", str(tmp_path / "o4"), str(images / "geo.tif")])
 
 
 def test_corrupt_tiff_and_missing_file_are_named(tmp_path):
@@ -270,9 +279,11 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_predict_help_parses():
-    run = _predict(["--help"])
-    assert run.returncode == 0 and "--patch-size" in run.stdout and "--precision" in run.stdout
+def test_predict_help_parses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _predict_tool().main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--patch-size" in out and "--precision" in out
 
 
 def test_yell_geotiff_tool_writes_the_documented_georeference(tmp_path):

@@ -82,13 +82,22 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --config-file {args.config_file}: no such file")
     if args.weights and not os.path.isfile(args.weights):
         raise SystemExit(f"error: --weights {args.weights}: no such file")
+    if args.patch_size is not None and args.overlap is not None and not 0 <= args.overlap < args.patch_size:
+        raise SystemExit(f"error: --overlap {args.overlap} must be in [0, --patch-size {args.patch_size})")
+
+    from gfocal.inference import ImageReadError, open_image
+
+    for path in paths:  # fail before building the model (and before writing anything)
+        try:
+            open_image(path).close()
+        except ImageReadError as e:
+            raise SystemExit(f"error: {e}")
 
     from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
 
     import gfocal
-    from gfocal.inference import ImageReadError, TiledPredictor, open_image
-    from gfocal.inference import writers
+    from gfocal.inference import TiledPredictor, writers
 
     cfg = get_cfg()
     gfocal.add_gfl_config(cfg)
