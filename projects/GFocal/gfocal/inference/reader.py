@@ -8,7 +8,6 @@ whole (they are rarely large) with ``cv2.imread``.
 import logging
 import os
 import warnings
-from typing import Optional, Tuple
 
 import numpy as np
 
@@ -67,14 +66,19 @@ class _Cv2Reader(WindowReader):
 
 
 class _RasterioReader(WindowReader):
-    def __init__(self, path: str):
+    def __init__(self, path: str, cache_mb: int):
         import rasterio
         from rasterio.errors import RasterioIOError
 
         self.path = path
+        # GDAL's block cache defaults to 5% of RAM and keeps every block read until full: capped
+        # here, since tiles are read row by row and only the overlap with the next row is re-read.
+        self._env = rasterio.Env(GDAL_CACHEMAX=int(cache_mb))
+        self._env.__enter__()
         try:
             self._src = rasterio.open(path)
         except RasterioIOError as e:
+            self._env.__exit__(None, None, None)
             raise ImageReadError(f"{path}: cannot be read by rasterio ({e})") from e
         src = self._src
         self.height, self.width = src.height, src.width
@@ -112,20 +116,18 @@ class _RasterioReader(WindowReader):
         return np.ascontiguousarray(bands.transpose(1, 2, 0))
 
     def close(self) -> None:
-        self._src.close()
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+            self._env.__exit__(None, None, None)
 
 
-def open_image(path: str) -> WindowReader:
-    """A :class:`WindowReader` for ``path`` (rasterio for TIFF, OpenCV otherwise); raises
-    :class:`ImageReadError` naming the file when it is missing or cannot be decoded."""
+def open_image(path: str, cache_mb: int = 256) -> WindowReader:
+    """A :class:`WindowReader` for ``path`` (rasterio for TIFF, with GDAL's block cache capped at
+    ``cache_mb``; OpenCV otherwise); raises :class:`ImageReadError` naming the file when it is
+    missing or cannot be decoded."""
     if not os.path.isfile(path):
         raise ImageReadError(f"{path}: no such file")
     if path.lower().endswith(RASTERIO_EXTENSIONS):
-        return _RasterioReader(path)
+        return _RasterioReader(path, cache_mb)
     return _Cv2Reader(path)
-
-
-def image_size(path: str) -> Tuple[int, int]:
-    """(height, width) of an image without decoding it whole where the format allows."""
-    with open_image(path) as reader:
-        return reader.height, reader.width
