@@ -60,6 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=1e-6,
         help="largest AP difference accepted between the training run and --eval-only",
     )
+    p.add_argument(
+        "--whole-image-splits",
+        nargs="*",
+        default=["train", "val"],
+        choices=["train", "val"],
+        help="whole YELL images predicted tile by tile (gfocal.inference) and scored whole",
+    )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -140,7 +147,9 @@ def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: fl
     return paths
 
 
-def whole_image_report(cfg, weights: str, score_thresh: float, iou: float) -> Dict[str, dict]:
+def whole_image_report(
+    cfg, weights: str, score_thresh: float, iou: float, splits: List[str]
+) -> Dict[str, dict]:
     """Tiled prediction of each whole YELL image (gfocal.inference: the config's test size as
     patch, a quarter patch overlap, seam rule and NMS), scored against its whole-image boxes:
     AP (up to 10000 detections per image) and P/R/F1 at ``iou`` and ``score_thresh``."""
@@ -150,7 +159,7 @@ def whole_image_report(cfg, weights: str, score_thresh: float, iou: float) -> Di
     predictor = TiledPredictor(cfg, weights=weights)
     return {
         split: evaluate_whole_images(predictor, [tree_whole_images(split)], iou, score_thresh)
-        for split in ("train", "val")
+        for split in splits
     }
 
 
@@ -242,7 +251,7 @@ def main(argv=None) -> Dict[str, float]:
     )
     times["draw_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    whole = whole_image_report(cfg, weights, score_thresh, train_pr["iou"])
+    whole = whole_image_report(cfg, weights, score_thresh, train_pr["iou"], args.whole_image_splits)
     times["whole_image_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start
 
@@ -277,15 +286,16 @@ def main(argv=None) -> Dict[str, float]:
             f1=train_at["f1"], tiou=train_at["median_hit_iou"], viou=val_pr["median_hit_iou"]
         )
     )
-    wv = whole["val"]
-    print(
-        "  whole validation image (tiled prediction, stitched): "
-        + "   ".join(f"{k} {wv[k]:.1f}" for k in METRIC_KEYS)
-        + "   P {precision:.1f}  R {recall:.1f}  F1 {f1:.1f} ({tp}/{num_gt} crowns)".format(
-            **wv["at_threshold"]
-        )
-        + "; whole training image AP {:.1f}".format(whole["train"]["AP"])
-    )
+    for split, name in (("val", "validation"), ("train", "training")):
+        if split in whole:
+            w = whole[split]
+            print(
+                f"  whole {name} image (tiled prediction, stitched): "
+                + "   ".join(f"{k} {w[k]:.1f}" for k in METRIC_KEYS)
+                + "   P {precision:.1f}  R {recall:.1f}  F1 {f1:.1f} ({tp}/{num_gt} crowns)".format(
+                    **w["at_threshold"]
+                )
+            )
     print(f"  --eval-only with the checkpoint: same AP (largest difference {diff:.2g})")
     print(
         "  wall time {total_s:.0f} s (data {data_s:.0f} s, train+eval {train_and_eval_s:.0f} s, "
