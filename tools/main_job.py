@@ -29,6 +29,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = ("AP", "AP50", "AP75")
 
 
+def _splits(text: str) -> List[str]:
+    splits = [s for s in text.split(",") if s]
+    if any(s not in ("train", "val") for s in splits):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated 'train' and 'val'")
+    return splits
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default=os.path.join(REPO, "configs/trees/gfl_lite0_trees.yaml"))
@@ -62,10 +69,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--whole-image-splits",
-        nargs="*",
-        default=["train", "val"],
-        choices=["train", "val"],
-        help="whole YELL images predicted tile by tile (gfocal.inference) and scored whole",
+        type=_splits,
+        default="train,val",
+        help="whole YELL images predicted tile by tile (gfocal.inference) and scored whole: "
+        "comma-separated train / val, or '' for none",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
