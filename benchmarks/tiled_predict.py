@@ -57,12 +57,15 @@ def parse_args(argv=None):
                    help="a synthetic GeoTIFF only read window by window, tile by tile (0: skip)")
     p.add_argument("--sections", nargs="+", default=["merge", "speed", "precision", "memory"],
                    choices=["merge", "speed", "precision", "memory"])
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="config overrides, e.g. MODEL.GFL.SCORE_THRESH_TEST 0.0 TEST.DETECTIONS_PER_IMAGE 30 "
+                   "to give a random-weight model a trained model's box count")
     p.add_argument("--output", default=os.path.join(REPO, "output/benchmarks/tiled_predict.json"))
     p.add_argument("--memory-child", nargs=2, metavar=("TIFF", "PRECISION"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def load_cfg(config_file: str, weights: str):
+def load_cfg(config_file: str, weights: str, opts=()):
     from detectron2.config import get_cfg
 
     from gfocal import add_gfl_config
@@ -70,6 +73,7 @@ def load_cfg(config_file: str, weights: str):
     cfg = get_cfg()
     add_gfl_config(cfg)
     cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
     cfg.MODEL.WEIGHTS = weights
     cfg.MODEL.DEVICE = "cpu"
     # No training-time feature cache: it would serve repeats from memory.
@@ -330,7 +334,7 @@ def memory_child(args) -> None:
         return
 
     torch.set_num_threads(args.threads)
-    cfg = load_cfg(args.config_file, args.weights)
+    cfg = load_cfg(args.config_file, args.weights, args.opts)
     predictor = TiledPredictor(cfg, patch_size=args.patch_size, overlap=args.overlap, batch_size=args.batch_size,
                                precision=args.memory_child[1])
     base = rss_mb("VmRSS")
@@ -421,8 +425,8 @@ def main(argv=None):
     from gfocal.evaluation.whole_image import tree_whole_images
 
     image_rgb = np.ascontiguousarray(cv2.imread(tree_whole_images("train")["path"])[:, :, ::-1])
-    cfg = load_cfg(args.config_file, args.weights)
-    report = {"threads": args.threads, "patch_size": args.patch_size, "overlap": args.overlap}
+    cfg = load_cfg(args.config_file, args.weights, args.opts)
+    report = {"weights": args.weights, "opts": args.opts, "threads": args.threads, "patch_size": args.patch_size, "overlap": args.overlap}
     if "merge" in args.sections:
         report["merge"] = merge_section(args, cfg)
         save_json(args.output, report)
