@@ -279,6 +279,14 @@ def test_atomic_write_leaves_nothing_when_interrupted(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_predict_flags_parse_around_the_inputs():
+    parser = _predict_tool().get_parser()
+    args = parser.parse_args(["--config-file", "c.yaml", "--output", "o", "a.tif", "b.png", "--precision", "bf16",
+                              "--channels-last", "--opts", "MODEL.DEVICE", "cpu"])
+    assert args.inputs == ["a.tif", "b.png"] and args.precision == "bf16" and args.channels_last
+    assert args.opts == ["MODEL.DEVICE", "cpu"]
+
+
 def test_predict_help_parses(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _predict_tool().main(["--help"])

@@ -41,7 +41,8 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and input")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (sets MODEL.DEVICE)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="config overrides, e.g. --opts MODEL.GFL.NMS_THRESH_TEST 0.5")
     return p
 
 
