@@ -59,6 +59,7 @@ def test_main_job_short_run(tmp_path):
     cmd = [
         sys.executable, "-W", "ignore", os.path.join(REPO, "tools", "main_job.py"),
         "--output-dir", str(out), "--data-root", str(tmp_path / "datasets"), "--num-draw", "2",
+        "--whole-image-splits", "val",
         "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
         "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
         "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256",
@@ -83,3 +84,9 @@ def test_main_job_short_run(tmp_path):
     # summary.json counts that as AP 0).
     assert {"bbox/AP", "bbox/AP50", "bbox/AP75"} <= set(lines[-1])
     assert "AP " in proc.stdout and "images:" in proc.stdout
+    # Whole-image evaluation (tiled prediction stitched per image) beside the per-tile figures.
+    whole = summary["whole_image"]
+    assert whole["val"]["images"] == ["2019_YELL_2_541000_4977000_image_crop.png"]
+    assert whole["val"]["at_threshold"]["num_gt"] == 279 and 0.0 <= whole["val"]["AP"] <= 100.0
+    assert set(whole) == {"val"}
+    assert "whole validation image (tiled prediction, stitched)" in proc.stdout

@@ -29,6 +29,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_KEYS = ("AP", "AP50", "AP75")
 
 
+def _splits(text: str) -> List[str]:
+    splits = [s for s in text.split(",") if s]
+    if any(s not in ("train", "val") for s in splits):
+        raise argparse.ArgumentTypeError(f"{text!r}: comma-separated 'train' and 'val'")
+    return splits
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--config-file", default=os.path.join(REPO, "configs/trees/gfl_lite0_trees.yaml"))
@@ -59,6 +66,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         default=1e-6,
         help="largest AP difference accepted between the training run and --eval-only",
+    )
+    p.add_argument(
+        "--whole-image-splits",
+        type=_splits,
+        default="train,val",
+        help="whole YELL images predicted tile by tile (gfocal.inference) and scored whole: "
+        "comma-separated train / val, or '' for none",
     )
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
@@ -138,6 +152,22 @@ def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: fl
         cv2.imwrite(path, drawn.get_image()[:, :, ::-1])
         paths.append(path)
     return paths
+
+
+def whole_image_report(
+    cfg, weights: str, score_thresh: float, iou: float, splits: List[str]
+) -> Dict[str, dict]:
+    """Tiled prediction of each whole YELL image (gfocal.inference: the config's test size as
+    patch, a quarter patch overlap, seam rule and NMS), scored against its whole-image boxes:
+    AP (up to 10000 detections per image) and P/R/F1 at ``iou`` and ``score_thresh``."""
+    from gfocal.evaluation.whole_image import evaluate_whole_images, tree_whole_images
+    from gfocal.inference import TiledPredictor
+
+    predictor = TiledPredictor(cfg, weights=weights)
+    return {
+        split: evaluate_whole_images(predictor, [tree_whole_images(split)], iou, score_thresh)
+        for split in splits
+    }
 
 
 def main(argv=None) -> Dict[str, float]:
@@ -227,6 +257,9 @@ def main(argv=None) -> Dict[str, float]:
         score_thresh if args.draw_score_thresh is None else args.draw_score_thresh,
     )
     times["draw_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    whole = whole_image_report(cfg, weights, score_thresh, train_pr["iou"], args.whole_image_splits)
+    times["whole_image_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start
 
     summary = {
@@ -234,6 +267,7 @@ def main(argv=None) -> Dict[str, float]:
         "eval_only_metrics": metrics_again,
         "precision_recall": {"train_chosen": train_pr, "train": train_at, "val": val_pr},
         "train_metrics": train_metrics,
+        "whole_image": whole,
         "times": times,
         "checkpoint": weights,
         "metrics_json": os.path.join(train_dir, "metrics.json"),
@@ -259,6 +293,16 @@ def main(argv=None) -> Dict[str, float]:
             f1=train_at["f1"], tiou=train_at["median_hit_iou"], viou=val_pr["median_hit_iou"]
         )
     )
+    for split, name in (("val", "validation"), ("train", "training")):
+        if split in whole:
+            w = whole[split]
+            print(
+                f"  whole {name} image (tiled prediction, stitched): "
+                + "   ".join(f"{k} {w[k]:.1f}" for k in METRIC_KEYS)
+                + "   P {precision:.1f}  R {recall:.1f}  F1 {f1:.1f} ({tp}/{num_gt} crowns)".format(
+                    **w["at_threshold"]
+                )
+            )
     print(f"  --eval-only with the checkpoint: same AP (largest difference {diff:.2g})")
     print(
         "  wall time {total_s:.0f} s (data {data_s:.0f} s, train+eval {train_and_eval_s:.0f} s, "

@@ -1,0 +1,133 @@
+"""Reading a whole image window by window.
+
+TIFF / GeoTIFF go through rasterio: each window is read on its own, so memory follows the batch
+of tiles, not the image (a 20k x 20k orthomosaic is never loaded whole), and the CRS and affine
+transform come with it. PNG / JPEG have no windowed decoder in OpenCV or Pillow; they are decoded
+whole (they are rarely large) with ``cv2.imread``.
+"""
+import logging
+import os
+import warnings
+
+import numpy as np
+
+__all__ = ["ImageReadError", "WindowReader", "open_image", "IMAGE_EXTENSIONS"]
+
+logger = logging.getLogger(__name__)
+
+RASTERIO_EXTENSIONS = (".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp") + RASTERIO_EXTENSIONS
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be read (missing, corrupt, unsupported bands or dtype)."""
+
+
+class WindowReader:
+    """One image: ``height``, ``width``, ``read(x0, y0, x1, y1)`` -> (h, w, 3) uint8 RGB, and for
+    geo-referenced input ``crs`` (a rasterio CRS) and ``transform`` (pixel -> map affine)."""
+
+    path: str
+    height: int
+    width: int
+    crs = None
+    transform = None
+
+    @property
+    def georeferenced(self) -> bool:
+        return self.crs is not None
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "WindowReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Cv2Reader(WindowReader):
+    def __init__(self, path: str):
+        import cv2
+
+        self.path = path
+        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        if image is None:
+            raise ImageReadError(f"{path}: cannot be decoded as an image (corrupt or not an image)")
+        self._rgb = np.ascontiguousarray(image[:, :, ::-1])
+        self.height, self.width = self._rgb.shape[:2]
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        return self._rgb[y0:y1, x0:x1]
+
+
+class _RasterioReader(WindowReader):
+    def __init__(self, path: str, cache_mb: int):
+        import rasterio
+        from rasterio.errors import RasterioIOError
+
+        self.path = path
+        # GDAL's block cache defaults to 5% of RAM and keeps every block read until full: capped
+        # here, since tiles are read row by row and only the overlap with the next row is re-read.
+        self._env = rasterio.Env(GDAL_CACHEMAX=int(cache_mb))
+        self._env.__enter__()
+        try:
+            self._src = rasterio.open(path)
+        except RasterioIOError as e:
+            self._env.__exit__(None, None, None)
+            raise ImageReadError(f"{path}: cannot be read by rasterio ({e})") from e
+        src = self._src
+        self.height, self.width = src.height, src.width
+        if src.count not in (1, 3, 4):
+            self.close()
+            raise ImageReadError(
+                f"{path}: has {src.count} bands; expected 3 (RGB), 4 (RGBA) or 1 (grey)"
+            )
+        if src.dtypes[0] != "uint8":
+            self.close()
+            raise ImageReadError(
+                f"{path}: band type {src.dtypes[0]}; the model takes 8-bit images "
+                "(rescale to uint8 first, e.g. gdal_translate -ot Byte -scale)"
+            )
+        self._bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
+        if src.crs is not None:
+            self.crs, self.transform = src.crs, src.transform
+        elif not src.transform.is_identity:
+            self.transform = src.transform
+        if self.crs is None:
+            warnings.warn(
+                f"{path}: no CRS (not geo-referenced): outputs are in pixel coordinates, "
+                "no GeoJSON is written",
+                stacklevel=3,
+            )
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        from rasterio.errors import RasterioIOError
+        from rasterio.windows import Window
+
+        try:
+            bands = self._src.read(self._bands, window=Window(x0, y0, x1 - x0, y1 - y0))
+        except RasterioIOError as e:  # a truncated or damaged file fails on the damaged block
+            raise ImageReadError(f"{self.path}: window {(x0, y0, x1, y1)} cannot be read ({e})") from e
+        return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
+    def close(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+            self._env.__exit__(None, None, None)
+
+
+def open_image(path: str, cache_mb: int = 256) -> WindowReader:
+    """A :class:`WindowReader` for ``path`` (rasterio for TIFF, with GDAL's block cache capped at
+    ``cache_mb``; OpenCV otherwise); raises :class:`ImageReadError` naming the file when it is
+    missing or cannot be decoded."""
+    if not os.path.isfile(path):
+        raise ImageReadError(f"{path}: no such file")
+    if path.lower().endswith(RASTERIO_EXTENSIONS):
+        return _RasterioReader(path, cache_mb)
+    return _Cv2Reader(path)

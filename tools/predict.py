@@ -1,0 +1,164 @@
+#!/usr/bin/env python
+"""Tiled prediction of whole images (large PNG / JPEG / TIFF, geo-referenced GeoTIFF).
+
+    python tools/predict.py --config-file configs/trees/gfl_lite0_trees.yaml \\
+        --weights output/main_job/train/model_final.pth --output output/predict/ orthomosaic.tif photos/
+
+Writes into --output: detections.csv (deepforest's columns image_path,xmin,ymin,xmax,ymax,label
+plus score), coco_results.json with coco_images.json (the image ids), <image>.geojson (polygons in
+the image's CRS, for geo-referenced input) and <image>_drawing.png (downscaled when large).
+"""
+import argparse
+import glob
+import os
+import sys
+import time
+import warnings
+from typing import List
+
+import numpy as np
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config-file", required=True, help="a GFL yacs config")
+    p.add_argument("--weights", help="checkpoint (default: the config's MODEL.WEIGHTS)")
+    p.add_argument("--output", required=True, help="folder for the results")
+    p.add_argument("inputs", nargs="+", help="image files or folders (PNG, JPEG, TIFF/GeoTIFF)")
+    p.add_argument("--patch-size", type=int, default=None,
+                   help="tile side in pixels (default: the config's INPUT.MIN_SIZE_TEST)")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="overlap of neighbouring tiles in pixels (default: a quarter of the patch)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--max-dets", type=int, default=10000, help="detections kept per whole image")
+    p.add_argument("--score-thresh", type=float, default=None,
+                   help="lowest score predicted and written (default: MODEL.GFL.SCORE_THRESH_TEST)")
+    p.add_argument("--draw-score-thresh", type=float, default=0.3, help="lowest score drawn")
+    p.add_argument("--draw-max-side", type=int, default=2048, help="longer side of the drawing")
+    p.add_argument("--edge-margin", type=float, default=2.0,
+                   help="seam rule: pixels within which a box touches a tile edge (-1: NMS only)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--channels-last", action="store_true", help="NHWC weights and input")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (sets MODEL.DEVICE)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
+                   help="config overrides, e.g. --opts MODEL.GFL.NMS_THRESH_TEST 0.5")
+    return p
+
+
+def expand_inputs(items: List[str]) -> List[str]:
+    from gfocal.inference.reader import IMAGE_EXTENSIONS
+
+    paths: List[str] = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(p for p in glob.glob(os.path.join(item, "*"))
+                           if p.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise SystemExit(f"error: input folder {item} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise SystemExit(f"error: input {item}: no such file or folder")
+    return paths
+
+
+def output_names(paths: List[str]) -> List[str]:
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    if len(set(stems)) != len(stems):
+        raise SystemExit("error: two inputs have the same file name stem; their outputs would collide")
+    return (["detections.csv", "coco_results.json", "coco_images.json"]
+            + [s + ".geojson" for s in stems] + [s + "_drawing.png" for s in stems])
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    paths = expand_inputs(args.inputs)
+    taken = [n for n in output_names(paths) if os.path.exists(os.path.join(args.output, n))]
+    if taken and not args.overwrite:
+        raise SystemExit(f"error: --output {args.output} already holds results ({', '.join(taken[:3])}"
+                         f"{', ...' if len(taken) > 3 else ''}); pass --overwrite to replace them")
+    if args.config_file and not os.path.isfile(args.config_file):
+        raise SystemExit(f"error: --config-file {args.config_file}: no such file")
+    if args.weights and not os.path.isfile(args.weights):
+        raise SystemExit(f"error: --weights {args.weights}: no such file")
+    if args.patch_size is not None and args.overlap is not None and not 0 <= args.overlap < args.patch_size:
+        raise SystemExit(f"error: --overlap {args.overlap} must be in [0, --patch-size {args.patch_size})")
+
+    from gfocal.inference import ImageReadError, open_image
+
+    for path in paths:  # fail before building the model (and before writing anything)
+        try:
+            open_image(path).close()
+        except ImageReadError as e:
+            raise SystemExit(f"error: {e}")
+
+    from detectron2.config import get_cfg
+    from detectron2.data import MetadataCatalog
+
+    import gfocal
+    from gfocal.inference import TiledPredictor, writers
+
+    cfg = get_cfg()
+    gfocal.add_gfl_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    if args.device:
+        cfg.MODEL.DEVICE = args.device
+    try:
+        predictor = TiledPredictor(
+            cfg, weights=args.weights, patch_size=args.patch_size, overlap=args.overlap,
+            batch_size=args.batch_size, max_dets=args.max_dets, score_thresh=args.score_thresh,
+            precision=args.precision, channels_last=args.channels_last, edge_margin=args.edge_margin,
+        )
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes") if cfg.DATASETS.TEST else None
+    names = names or [str(i) for i in range(cfg.MODEL.GFL.NUM_CLASSES)]
+    os.makedirs(args.output, exist_ok=True)
+
+    rows, coco, images = [], [], []
+    for image_id, path in enumerate(paths, start=1):
+        stem = os.path.splitext(os.path.basename(path))[0]
+        start = time.perf_counter()
+        try:
+            with open_image(path) as reader:
+                result = predictor(reader)
+                inst = result.instances
+                boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
+                scores = inst.scores.numpy().astype(np.float64)
+                classes = inst.pred_classes.numpy()
+                these = [{"image_path": os.path.basename(path), "xmin": round(b[0], 2), "ymin": round(b[1], 2),
+                          "xmax": round(b[2], 2), "ymax": round(b[3], 2), "label": names[c],
+                          "score": round(float(s), 4)} for b, s, c in zip(boxes.tolist(), scores, classes)]
+                if reader.georeferenced:
+                    writers.write_geojson(os.path.join(args.output, stem + ".geojson"), these, boxes,
+                                          reader.crs, reader.transform)
+                writers.write_drawing(os.path.join(args.output, stem + "_drawing.png"), reader, boxes,
+                                      scores, args.draw_max_side, args.draw_score_thresh)
+                height, width = reader.height, reader.width
+        except ImageReadError as e:
+            raise SystemExit(f"error: {e}")
+        rows += these
+        coco += [{"image_id": image_id, "category_id": int(c) + 1,
+                  "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
+                 for b, s, c in zip(boxes.tolist(), scores, classes)]
+        images.append({"id": image_id, "file_name": path, "height": height, "width": width})
+        megapixels = height * width / 1e6
+        took = time.perf_counter() - start
+        print(f"{path}: {len(boxes)} detections ({result.num_tiles} tiles, {megapixels:.1f} MP) in "
+              f"{took:.1f} s ({took / megapixels:.2f} s/MP)", flush=True)
+    writers.write_coco_results(os.path.join(args.output, "coco_results.json"), coco)
+    categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
+    with writers.atomic_open(os.path.join(args.output, "coco_images.json")) as f:
+        import json
+
+        json.dump({"images": images, "categories": categories}, f)
+    writers.write_csv(os.path.join(args.output, "detections.csv"), rows)  # last: marks completion
+    print(f"wrote {len(rows)} detections of {len(paths)} images to {args.output}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
