@@ -126,6 +126,8 @@ def load_result(args: argparse.Namespace, variant: str, lr: float, seed: int) ->
 
 def best_lr(args: argparse.Namespace, variant: str) -> Optional[float]:
     """The swept lr with the highest validation AP of the first seed (None until all ran)."""
+    if len(args.lrs) == 1:  # nothing to choose: all seeds run at once
+        return args.lrs[0]
     sweep = [(load_result(args, variant, lr, args.seeds[0]), lr) for lr in args.lrs]
     if any(r is None for r, _ in sweep):
         return None
