@@ -31,8 +31,10 @@ def weighted_box_fusion(
         raise ValueError(f"num_versions={num_versions} must be >= 1")
     if boxes.numel() == 0:
         return boxes.reshape(0, 4), scores[:0], classes[:0]
+    dtype = boxes.dtype
     order = torch.argsort(scores, descending=True, stable=True)
-    boxes, scores, classes = boxes[order].float(), scores[order].float(), classes[order]
+    # Sums in float64: the mean of identical boxes is that box, not one float32 ulp off it.
+    boxes, scores, classes = boxes[order].double(), scores[order].double(), classes[order]
     # The sequence of joins depends on earlier ones (a fused box moves as members join), so the
     # loop over boxes stays; the IoU with all fused boxes of a step is one vectorised call.
     fused_sum = boxes.new_zeros((len(boxes), 4))  # sum of score x box of each cluster
@@ -60,4 +62,4 @@ def weighted_box_fusion(
     out_boxes = fused_sum[:num_fused] / fused_weight[:num_fused, None]
     out_scores = fused_weight[:num_fused] / count * count.clamp(max=num_versions) / num_versions
     order = torch.argsort(out_scores, descending=True, stable=True)
-    return out_boxes[order], out_scores[order], fused_class[:num_fused][order]
+    return out_boxes[order].to(dtype), out_scores[order].float(), fused_class[:num_fused][order]
