@@ -83,3 +83,4 @@ def test_main_job_short_run(tmp_path):
     # summary.json counts that as AP 0).
     assert {"bbox/AP", "bbox/AP50", "bbox/AP75"} <= set(lines[-1])
     assert "AP " in proc.stdout and "images:" in proc.stdout
+    assert summary["seed"] == 0 and "(seed 0;" in proc.stdout  # the main job says its seed

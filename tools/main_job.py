@@ -239,6 +239,7 @@ def main(argv=None) -> Dict[str, float]:
         "metrics_json": os.path.join(train_dir, "metrics.json"),
         "detections": os.path.join(train_dir, results_name),
         "images": drawn,
+        "seed": cfg.SEED,
         "config": os.path.abspath(args.config_file),
         "overrides": args.opts,
     }
@@ -247,7 +248,8 @@ def main(argv=None) -> Dict[str, float]:
 
     print("\n" + "=" * 72)
     print("[main_job] GFL on NEON tree crowns (validation tiles of 2019_YELL_2_541000_4977000)")
-    print("  " + "   ".join(f"{k} {metrics[k]:.1f}" for k in METRIC_KEYS))
+    print("  " + "   ".join(f"{k} {metrics[k]:.1f}" for k in METRIC_KEYS)
+          + f"   (seed {cfg.SEED}; another: append SEED 1)")
     print(
         "  at IoU {iou:g}, score >= {score_thresh:.2f} (best F1 on the training tiles): "
         "precision {precision:.1f}  recall {recall:.1f}  F1 {f1:.1f}".format(**val_pr)
