@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 from detectron2.engine import HookBase
 
-__all__ = ["EMAState", "EMAHook", "unwrap_model", "build_ema_state", "load_ema_for_eval"]
+__all__ = ["EMAState", "EMAHook", "unwrap_model", "build_ema_state", "load_ema_for_eval",
+           "apply_checkpoint_ema"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +167,20 @@ def load_ema_for_eval(checkpointer, path: str, use_ema_weights: bool) -> Optiona
         )
     logger.info("Evaluating the EMA weights of %s (%d updates)", path, ema_state.num_updates)
     return ema_state
+
+
+def apply_checkpoint_ema(cfg, model: nn.Module, path: str) -> bool:
+    """With ``MODEL_EMA.ENABLED`` and ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, copy the EMA weights of
+    checkpoint ``path`` into ``model`` (e.g. ``DefaultPredictor(cfg).model``, which loads the raw
+    ones) and return True; else leave it and return False."""
+    if not (cfg.MODEL_EMA.ENABLED and cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY):
+        return False
+    from .checkpoint import GFLCheckpointer
+
+    ema_state = build_ema_state(cfg, model)
+    checkpointer = GFLCheckpointer(model, ema_state=ema_state)
+    load_ema_for_eval(checkpointer, path, True).apply_to(model)
+    return True
 
 
 class EMAHook(HookBase):
