@@ -70,7 +70,9 @@ class Trainer(DefaultTrainer):
                if isinstance(h, hooks.EvalHook) else h for h in ret]
         if self.ema_state is not None:
             ema = self.cfg.MODEL_EMA
-            first = next(i for i, h in enumerate(ret) if isinstance(h, hooks.PeriodicCheckpointer))
+            # (only the main process has a checkpointer; every process evaluates)
+            first = next(i for i, h in enumerate(ret)
+                         if isinstance(h, (hooks.PeriodicCheckpointer, hooks.EvalHook)))
             ret.insert(first, EMAHook(self.ema_state, ema.DECAY, ema.DECAY_WARM_UP_FACTOR))
         return ret
 

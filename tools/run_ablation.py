@@ -12,7 +12,9 @@ best, at which it then runs the other seeds. Every run is its own process (``--j
 (and ``stdout.log``); finished runs are skipped when the script is started again. At the end (or
 with ``--table-only``) the Markdown table (the sweep's APs, then mean and sample standard
 deviation over the seeds at the best lr of AP, AP50, AP75 and precision/recall/F1 at IoU 0.4) is
-written to ``<output-dir>/ablation_table.md`` and printed.
+written to ``<output-dir>/ablation_table.md`` and printed. With ``--eval-from DIR`` nothing is
+trained: the checkpoints of DIR's runs are evaluated with this command's overrides (TTA, voting,
+EMA weights; docs/small_data.md), and the table is of those evaluations.
 """
 import argparse
 import json
