@@ -13,8 +13,11 @@ Your own annotations: ``--dataset NAME=FORMAT:PATH[:IMAGE_ROOT]`` as in train_ne
 ``dataloader.train.dataset.names=NAME dataloader.test.dataset.names=... model.num_classes=K
 dataloader.train.dataset.num_classes=K`` (docs/own_data.md). ``train.reference_batch_size=16``
 scales optimizer.lr and the warm-up to ``dataloader.train.total_batch_size`` (linear scaling).
+``train.model_ema`` (enabled, decay, ...: the YAML's MODEL_EMA keys in lower case) averages the
+weights (gfocal/ema.py); evaluation is then of the averages.
 With ``train.device=cpu``, ``--num-gpus N`` starts N CPU worker processes (gloo).
 """
+import contextlib
 import logging
 
 from detectron2.config import LazyConfig, instantiate
@@ -36,20 +39,34 @@ from gfocal.batch_scaling import scale_lazy_solver_to_batch
 from gfocal.checkpoint import GFLCheckpointer
 from gfocal.data.annotations import LAZY_NUM_CLASSES_KEY
 from gfocal.data.register import add_dataset_arguments, check_datasets, register_datasets_from_args
+from gfocal.ema import EMAHook, EMAState, load_ema_for_eval
 from gfocal.engine import launch
 from gfocal.nonfinite_guard import LAZY_ADVICE, NonFiniteLossGuard
 
 logger = logging.getLogger("detectron2")
 
 
-def do_test(cfg, model):
+def do_test(cfg, model, ema_state=None):
+    """Evaluate ``model`` (with the averaged weights of ``ema_state`` swapped in, if given)."""
     if "evaluator" not in cfg.dataloader:
         return {}
-    ret = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    averaged = contextlib.nullcontext() if ema_state is None else ema_state.apply_and_restore(model)
+    with averaged:
+        ret = inference_on_dataset(
+            model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
+        )
     print_csv_format(ret)
     return ret
+
+
+def build_ema_state(cfg, model):
+    """``train.model_ema`` (the MODEL_EMA keys in lower case): an EMAState of ``model``, or None."""
+    ema = cfg.train.get("model_ema", None)
+    if not ema or not ema.get("enabled", False):
+        return None
+    state = EMAState(ema.get("include_frozen", True), ema.get("include_buffer", True),
+                     ema.get("device", ""))
+    return state.copy_from(model)
 
 
 def _ddp(cfg, model, **kwargs):
@@ -73,18 +90,24 @@ def do_train(args, cfg):
         )
     else:
         trainer = SimpleTrainer(model, train_loader, optimizer)
+    ema_state = build_ema_state(cfg, model)
     checkpointer = GFLCheckpointer(
-        model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer
+        model, cfg.train.output_dir, optimizer=optimizer, trainer=trainer,
+        **({} if ema_state is None else {"ema_state": ema_state}),
     )
+    ema = cfg.train.get("model_ema", {})
     trainer.register_hooks(
         [
             NonFiniteLossGuard(cfg.train.checkpointer.period, LAZY_ADVICE, checkpointer),
             hooks.IterationTimer(),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            None if ema_state is None else EMAHook(
+                ema_state, ema.get("decay", 0.999), ema.get("decay_warm_up_factor", -1.0)
+            ),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, ema_state)),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
@@ -124,8 +147,12 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model)
         model.to(cfg.train.device)
-        GFLCheckpointer(model).load(cfg.train.init_checkpoint)
-        return do_test(cfg, _ddp(cfg, model))
+        ema_state = build_ema_state(cfg, model)
+        checkpointer = GFLCheckpointer(model, **({} if ema_state is None else {"ema_state": ema_state}))
+        checkpointer.load(cfg.train.init_checkpoint, checkpointables=[])
+        use_ema = cfg.train.get("model_ema", {}).get("use_ema_weights_for_eval_only", False)
+        ema_state = load_ema_for_eval(checkpointer, cfg.train.init_checkpoint, use_ema)
+        return do_test(cfg, _ddp(cfg, model), ema_state)
     do_train(args, cfg)
 
 

@@ -149,6 +149,11 @@ def test_same_data_solver_and_schedule(name):
     assert lazy.train.seed == cfg.SEED
     assert lazy.train.reference_batch_size == cfg.SOLVER.REFERENCE_IMS_PER_BATCH
     assert lazy.train.output_dir == cfg.OUTPUT_DIR
+    ema = lazy.train.get("model_ema", {})
+    assert ema.get("enabled", False) == cfg.MODEL_EMA.ENABLED
+    if cfg.MODEL_EMA.ENABLED:
+        assert ema.get("decay", 0.999) == cfg.MODEL_EMA.DECAY
+        assert ema.get("use_ema_weights_for_eval_only", False) == cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY
 
 
 def _copypaste_ap(text: str) -> str:

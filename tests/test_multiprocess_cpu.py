@@ -43,7 +43,7 @@ def test_two_cpu_processes_train_through_train_net(tmp_path):
         "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2",
         "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
         "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256", "DATASETS.TEST", "()",
-        "OUTPUT_DIR", str(out),
+        "MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.5", "OUTPUT_DIR", str(out),
     ]
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -53,3 +53,10 @@ def test_two_cpu_processes_train_through_train_net(tmp_path):
     assert "Starting training from iteration 0" in log
     state = torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)
     assert state["iteration"] == 2 and not any(k.startswith("module.") for k in state["model"])
+    # Weight EMA under DDP: the averages of the unwrapped model's tensors, 3 updates; the frozen
+    # (feature-cached) backbone is exactly the model's, the trained head is not.
+    ema = state["ema_state"]
+    assert ema["num_updates"] == 3 and ema["state"].keys() >= state["model"].keys()
+    frozen = [k for k in state["model"] if k.startswith("backbone.bottom_up.")]
+    assert frozen and all(torch.equal(ema["state"][k], state["model"][k]) for k in frozen)
+    assert not torch.equal(ema["state"]["head.cls_score.weight"], state["model"]["head.cls_score.weight"])

@@ -64,6 +64,8 @@ def test_main_job_short_run(tmp_path):
         "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
         "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256",
         "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "256",
+        # the recipe's TTA at the test size; NMS merge (WBF's loop is slow on untrained boxes)
+        "TEST.AUG.MIN_SIZES", "(256,)", "TEST.AUG.MAX_SIZE", "256", "TEST.AUG.MERGE", "nms",
     ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -90,3 +92,4 @@ def test_main_job_short_run(tmp_path):
     assert whole["val"]["at_threshold"]["num_gt"] == 279 and 0.0 <= whole["val"]["AP"] <= 100.0
     assert set(whole) == {"val"}
     assert "whole validation image (tiled prediction, stitched)" in proc.stdout
+    assert summary["seed"] == 0 and "(seed 0;" in proc.stdout  # the main job says its seed

@@ -78,6 +78,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def recipe_inference_dir(args: argparse.Namespace) -> str:
+    """Where train_net.py writes the recipe's detections: ``inference_TTA`` with TEST.AUG."""
+    from detectron2.config import get_cfg
+
+    from gfocal import add_gfl_config
+
+    cfg = get_cfg()
+    add_gfl_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    return "inference_TTA" if cfg.TEST.AUG.ENABLED else "inference"
+
+
 def run(cmd: List[str], env: Dict[str, str]) -> None:
     print("\n$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=REPO)
@@ -123,6 +136,12 @@ def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: fl
     cfg = cfg.clone()
     cfg.MODEL.WEIGHTS = weights
     predictor = DefaultPredictor(cfg)
+    from gfocal.ema import apply_checkpoint_ema  # the recipe's EMA weights and TTA, if set
+    from gfocal.modeling.test_time_augmentation import GFLWithTTA
+
+    apply_checkpoint_ema(cfg, predictor.model, weights)
+    if cfg.TEST.AUG.ENABLED:
+        predictor.model = GFLWithTTA(cfg, predictor.model)
     dataset = cfg.DATASETS.TEST[-1]
     metadata = MetadataCatalog.get(dataset)
     os.makedirs(out_dir, exist_ok=True)
@@ -198,7 +217,8 @@ def main(argv=None) -> Dict[str, float]:
     times["train_and_eval_s"] = time.perf_counter() - t
     weights = os.path.join(train_dir, "model_final.pth")
     gt_json = os.path.join(data_root, "instances_val.json")
-    results_name = os.path.join("inference", "neon_trees_val", "coco_instances_results.json")
+    inference = recipe_inference_dir(args)  # "inference_TTA" with TEST.AUG.ENABLED
+    results_name = os.path.join(inference, "neon_trees_val", "coco_instances_results.json")
     metrics = coco_metrics(gt_json, os.path.join(train_dir, results_name))
 
     from gfocal.evaluation.precision_recall import results_precision_recall
@@ -225,13 +245,13 @@ def main(argv=None) -> Dict[str, float]:
         raise RuntimeError(
             f"--eval-only gives {metrics_again}, the training run's evaluation gave {metrics}"
         )
-    with open(os.path.join(eval_dir, "inference", "neon_trees_train", "precision_recall.json")) as f:
+    with open(os.path.join(eval_dir, inference, "neon_trees_train", "precision_recall.json")) as f:
         train_pr = json.load(f)
     score_thresh = train_pr["best_f1_score_thresh"]
     val_pr = results_precision_recall(
         "neon_trees_val", os.path.join(eval_dir, results_name), train_pr["iou"], score_thresh
     )
-    train_results = os.path.join("inference", "neon_trees_train", "coco_instances_results.json")
+    train_results = os.path.join(inference, "neon_trees_train", "coco_instances_results.json")
     train_at = results_precision_recall(
         "neon_trees_train", os.path.join(eval_dir, train_results), train_pr["iou"], score_thresh
     )
@@ -273,6 +293,7 @@ def main(argv=None) -> Dict[str, float]:
         "metrics_json": os.path.join(train_dir, "metrics.json"),
         "detections": os.path.join(train_dir, results_name),
         "images": drawn,
+        "seed": cfg.SEED,
         "config": os.path.abspath(args.config_file),
         "overrides": args.opts,
     }
@@ -281,7 +302,8 @@ def main(argv=None) -> Dict[str, float]:
 
     print("\n" + "=" * 72)
     print("[main_job] GFL on NEON tree crowns (validation tiles of 2019_YELL_2_541000_4977000)")
-    print("  " + "   ".join(f"{k} {metrics[k]:.1f}" for k in METRIC_KEYS))
+    print("  " + "   ".join(f"{k} {metrics[k]:.1f}" for k in METRIC_KEYS)
+          + f"   (seed {cfg.SEED}; another: append SEED 1)")
     print(
         "  at IoU {iou:g}, score >= {score_thresh:.2f} (best F1 on the training tiles): "
         "precision {precision:.1f}  recall {recall:.1f}  F1 {f1:.1f}".format(**val_pr)

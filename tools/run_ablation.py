@@ -12,7 +12,9 @@ best, at which it then runs the other seeds. Every run is its own process (``--j
 (and ``stdout.log``); finished runs are skipped when the script is started again. At the end (or
 with ``--table-only``) the Markdown table (the sweep's APs, then mean and sample standard
 deviation over the seeds at the best lr of AP, AP50, AP75 and precision/recall/F1 at IoU 0.4) is
-written to ``<output-dir>/ablation_table.md`` and printed.
+written to ``<output-dir>/ablation_table.md`` and printed. With ``--eval-from DIR`` nothing is
+trained: the checkpoints of DIR's runs are evaluated with this command's overrides (TTA, voting,
+EMA weights; docs/small_data.md), and the table is of those evaluations.
 """
 import argparse
 import json
@@ -90,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "features are computed once for all runs (needs FEATURE_CACHE_MB > 0 in the config)",
     )
     p.add_argument("--table-only", action="store_true", help="only (re)write the table")
+    p.add_argument(
+        "--eval-from", default="",
+        help="an earlier --output-dir: evaluate its runs' checkpoints (same variant, lr, seed) "
+        "with this command's overrides (e.g. TEST.AUG.*, MODEL.GFL.BOX_VOTING.*) instead of "
+        "training; with TEST.AUG.ENABLED the TTA results are the ones recorded",
+    )
     p.add_argument("--single", nargs=3, metavar=("VARIANT", "LR", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
     return p.parse_args(argv)
@@ -120,6 +128,8 @@ def load_result(args: argparse.Namespace, variant: str, lr: float, seed: int) ->
 
 def best_lr(args: argparse.Namespace, variant: str) -> Optional[float]:
     """The swept lr with the highest validation AP of the first seed (None until all ran)."""
+    if len(args.lrs) == 1:  # nothing to choose: all seeds run at once
+        return args.lrs[0]
     sweep = [(load_result(args, variant, lr, args.seeds[0]), lr) for lr in args.lrs]
     if any(r is None for r, _ in sweep):
         return None
@@ -186,26 +196,36 @@ def run_single(args: argparse.Namespace) -> None:
         + ["SOLVER.BASE_LR", str(lr), "SEED", str(seed), "OUTPUT_DIR", out]
         + ["DATASETS.TEST", f'("{TRAIN_SET}", "{VAL_SET}")', "TEST.PRECISION_RECALL.ENABLED", "True"]
     )
+    if args.eval_from:
+        weights = os.path.join(run_dir(argparse.Namespace(output_dir=args.eval_from), variant, lr, seed),
+                               "model_final.pth")
+        cfg.merge_from_list(["MODEL.WEIGHTS", weights])
     cfg.freeze()
-    default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False))
+    default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=bool(args.eval_from)))
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    trainer = AblationTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()  # evaluates once at the end (TEST.EVAL_PERIOD 0) into the event storage
+    if args.eval_from:  # evaluation only, of the checkpoint (its EMA weights if so configured)
+        model, ema_state = AblationTrainer.build_for_eval(cfg)
+        results = AblationTrainer.test_all(cfg, model, ema_state)
+    else:
+        trainer = AblationTrainer(cfg)
+        trainer.resume_or_load(resume=False)
+        trainer.train()  # evaluates once at the end (TEST.EVAL_PERIOD 0)
+        results = trainer._last_eval_results
     # The final evaluation ran on the training and the validation tiles: AP on validation;
     # precision/recall at IoU 0.4 on validation at the best-F1 score threshold of the training
     # tiles (chosen per run on training data: FL and QFL scores are calibrated differently).
-    latest = trainer.storage.latest()
-    record = {k: float(latest[f"{VAL_SET}/bbox/{k}"][0]) for k in METRIC_KEYS}
-    thresh = float(latest[f"{TRAIN_SET}/pr/best_f1_score_thresh"][0])
+    suffix = "_TTA" if cfg.TEST.AUG.ENABLED else ""
+    record = {k: float(results[VAL_SET + suffix]["bbox"][k]) for k in METRIC_KEYS}
+    thresh = float(results[TRAIN_SET + suffix]["pr"]["best_f1_score_thresh"])
     pr = results_precision_recall(
         VAL_SET,
-        os.path.join(out, "inference", VAL_SET, "coco_instances_results.json"),
+        os.path.join(out, "inference" + suffix, VAL_SET, "coco_instances_results.json"),
         cfg.TEST.PRECISION_RECALL.IOU_THRESH,
         thresh,
     )
     record.update({k: pr[k] for k in PR_KEYS}, score_thresh=thresh)
+    record["detections"] = os.path.join("inference" + suffix, VAL_SET, "coco_instances_results.json")
     record.update(
         variant=variant, lr=lr, seed=seed, max_iter=cfg.SOLVER.MAX_ITER,
         wall_s=time.perf_counter() - start,
@@ -249,7 +269,9 @@ def score_iou_rank_correlation(args: argparse.Namespace, variant: str, lr: float
     """Spearman correlation of the validation detections' scores with their best IoU with a GT."""
     from gfocal.evaluation.precision_recall import coco_images, score_iou_correlation
 
-    path = os.path.join(run_dir(args, variant, lr, seed), "inference", VAL_SET, "coco_instances_results.json")
+    record = load_result(args, variant, lr, seed) or {}
+    detections = record.get("detections", os.path.join("inference", VAL_SET, "coco_instances_results.json"))
+    path = os.path.join(run_dir(args, variant, lr, seed), detections)
     with open(path) as f:
         return score_iou_correlation(coco_images(VAL_SET, json.load(f)))
 
@@ -317,7 +339,8 @@ def main(argv=None) -> None:
                 sys.executable, os.path.abspath(__file__), "--single", variant, str(lr), str(seed),
                 "--config-file", args.config_file, "--output-dir", args.output_dir,
                 "--threads", str(args.threads), "--feature-cache-dir", args.feature_cache_dir,
-            ] + (["--max-iter", str(args.max_iter)] if args.max_iter else []) + args.opts
+            ] + (["--max-iter", str(args.max_iter)] if args.max_iter else []) \
+                + (["--eval-from", args.eval_from] if args.eval_from else []) + args.opts
             log_dir = run_dir(args, variant, lr, seed)
             os.makedirs(log_dir, exist_ok=True)
             log = open(os.path.join(log_dir, "stdout.log"), "w")

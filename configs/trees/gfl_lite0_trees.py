@@ -6,6 +6,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
 from gfocal.data.augmentation import RandomTranspose
+from gfocal.modeling.box_voting import DistributionVoting
 from gfocal.modeling.efficientnet_lite import efficientnet_lite0
 
 from ..common.data.detection import dataloader
@@ -35,6 +36,8 @@ model.pixel_std = [128.0, 128.0, 128.0]
 model.input_format = "RGB"
 # Crowns rarely overlap: NMS at 0.4 removes nested duplicates (chosen on the training tiles).
 model.test_nms_thresh = 0.4
+# Distribution voting after NMS (MODEL.GFL.BOX_VOTING in the YAML; docs/small_data.md).
+model.box_voting = L(DistributionVoting)(iou_thresh=0.5, sigma=0.02, weighting="variance")
 
 dataloader.train.dataset.names = "neon_trees_train"
 dataloader.train.dataset.num_classes = 1
@@ -66,4 +69,7 @@ train.device = "cpu"  # the main job runs on a CPU; train.device=cuda on a GPU
 train.checkpointer.period = 100000  # only the final checkpoint (model_final.pth)
 train.eval_period = 0
 train.seed = 0
+# Weight EMA (MODEL_EMA in the YAML): evaluation of the averaged weights. The YAML's TEST.AUG
+# (test-time augmentation) runs in train_net.py only; lazyconfig_train_net.py has no TTA.
+train.model_ema = dict(enabled=True, decay=0.995, use_ema_weights_for_eval_only=True)
 train.output_dir = "./output/trees/gfl_lite0"

@@ -123,6 +123,67 @@ def add_gfl_config(cfg: CN) -> None:
     # and of the input image. "": memory only.
     _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR = ""
 
+    add_small_data_config(_C)
+
+
+def add_small_data_config(cfg: CN) -> None:
+    """Keys for small data sets (docs/small_data.md): weight EMA, photometric and scale
+    augmentation, test-time augmentation and distribution voting. All off by default."""
+    _C = cfg
+    # Weight EMA (gfocal/ema.py); the keys of d2go's MODEL_EMA.
+    _C.MODEL_EMA = CN()
+    _C.MODEL_EMA.ENABLED = False
+    _C.MODEL_EMA.DECAY = 0.999
+    # Also average frozen parameters / buffers (a constant stays exactly constant).
+    _C.MODEL_EMA.INCLUDE_FROZEN = True
+    _C.MODEL_EMA.INCLUDE_BUFFER = True
+    # Device of the averages; "": the model's.
+    _C.MODEL_EMA.DEVICE = ""
+    # --eval-only: evaluate the checkpoint's EMA weights instead of its raw ones.
+    _C.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = False
+    # >= 0: decay of update n is min(DECAY, (1 + n) / (DECAY_WARM_UP_FACTOR + n)); -1: DECAY.
+    _C.MODEL_EMA.DECAY_WARM_UP_FACTOR = -1.0
+    # Evaluation during training is of the EMA weights; True also evaluates the raw weights,
+    # with results named "<dataset>_raw" (gfocal addition, not a d2go key).
+    _C.MODEL_EMA.EVAL_RAW_MODEL = False
+
+    # Photometric training augmentation (detectron2's T.RandomBrightness / RandomContrast /
+    # RandomSaturation, in this order; each off while its range is (1.0, 1.0)), applied with
+    # probability PROB per image (gfocal/data/augmentation.py).
+    _C.INPUT.PHOTOMETRIC = CN()
+    _C.INPUT.PHOTOMETRIC.BRIGHTNESS = (1.0, 1.0)
+    _C.INPUT.PHOTOMETRIC.CONTRAST = (1.0, 1.0)
+    _C.INPUT.PHOTOMETRIC.SATURATION = (1.0, 1.0)
+    _C.INPUT.PHOTOMETRIC.PROB = 1.0
+    # Scale jitter: "" keeps detectron2's resize (INPUT.MIN_SIZE_TRAIN, several sizes = jitter);
+    # "resize_scale": T.ResizeScale(MIN_SCALE, MAX_SCALE, TARGET_SIZE) + T.FixedSizeCrop
+    # (large-scale jitter, as detectron2's new baselines).
+    _C.INPUT.SCALE_JITTER = CN()
+    _C.INPUT.SCALE_JITTER.TYPE = ""
+    _C.INPUT.SCALE_JITTER.MIN_SCALE = 0.8
+    _C.INPUT.SCALE_JITTER.MAX_SCALE = 1.25
+    _C.INPUT.SCALE_JITTER.TARGET_SIZE = 400
+
+    # Test-time augmentation (gfocal/modeling/test_time_augmentation.py) beside detectron2's
+    # TEST.AUG.ENABLED / MIN_SIZES / MAX_SIZE / FLIP: the 8 symmetries of the square instead of
+    # the horizontal flip, and how the detections of all versions are merged: "nms" (class-wise,
+    # IoU MERGE_IOU_THRESH; <= 0: MODEL.GFL.NMS_THRESH_TEST) or "wbf" (weighted box fusion, IoU
+    # MERGE_IOU_THRESH; <= 0: 0.55).
+    _C.TEST.AUG.DIHEDRAL = False
+    _C.TEST.AUG.MERGE = "nms"
+    _C.TEST.AUG.MERGE_IOU_THRESH = 0.0
+
+    # Distribution voting after NMS (gfocal/modeling/box_voting.py): each kept box's edges are
+    # the average of the edges of the candidates of its class with IoU >= IOU_THRESH, weighted
+    # by score x exp(-(1 - IoU)^2 / SIGMA) / (variance of that edge's distribution + eps).
+    _C.MODEL.GFL.BOX_VOTING = CN()
+    _C.MODEL.GFL.BOX_VOTING.ENABLED = False
+    _C.MODEL.GFL.BOX_VOTING.IOU_THRESH = 0.5
+    _C.MODEL.GFL.BOX_VOTING.SIGMA = 0.02  # sigma_t of He et al. 2019
+    # "variance": weight by 1 / variance of each edge's distribution (He et al. 2019 with GFL's
+    # distributions); "score": score x IoU term only (the same for the four edges).
+    _C.MODEL.GFL.BOX_VOTING.WEIGHTING = "variance"
+
 
 def check_gfl_config(cfg) -> None:
     """Refuse invalid ``MODEL.GFL`` values at build time, naming the key and what is allowed."""

@@ -42,6 +42,11 @@ def tracing_adapter(model: nn.Module, image: Tensor) -> nn.Module:
     tuple ``(boxes (K, 4), classes (K,), scores (K,))`` of its detections on that image."""
     if model.training:
         raise ValueError("export needs the model in eval mode (model.eval())")
+    if getattr(model, "box_voting", None) is not None:
+        raise ValueError(
+            "MODEL.GFL.BOX_VOTING.ENABLED=True: distribution voting (gfocal/modeling/box_voting.py) "
+            "is not part of the exported graph; export with MODEL.GFL.BOX_VOTING.ENABLED False"
+        )
     if image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"expected one (3, H, W) image, got shape {tuple(image.shape)}")
     return _detectron2_export().TracingAdapter(model, [{"image": image}], _detections).eval()

@@ -4,6 +4,14 @@
 down carry no meaning, each training image is flipped horizontally, flipped vertically and
 transposed (x <-> y), each with probability 1/2: the 8 symmetries of the square, all exact
 (no interpolation), boxes stay tight. It replaces ``INPUT.RANDOM_FLIP``.
+
+``INPUT.PHOTOMETRIC.{BRIGHTNESS,CONTRAST,SATURATION}``: detectron2's ``T.RandomBrightness`` /
+``T.RandomContrast`` / ``T.RandomSaturation`` with those (min, max) intensity ranges, each applied
+with probability ``INPUT.PHOTOMETRIC.PROB`` (other light, other sites). ``INPUT.SCALE_JITTER.TYPE
+"resize_scale"``: ``T.ResizeScale`` + ``T.FixedSizeCrop`` (large-scale jitter) instead of the
+shortest-edge resize; a plain multi-size jitter is detectron2's ``INPUT.MIN_SIZE_TRAIN`` with
+several sizes. All off by default. Photometric changes make every training image new: a frozen
+backbone's feature cache (``MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB``) then no longer hits.
 """
 from typing import List
 
@@ -43,14 +51,54 @@ class RandomTranspose(T.Augmentation):
         return T.NoOpTransform()
 
 
+SCALE_JITTER_TYPES = ("", "resize_scale")
+
+
 def build_train_augmentation(cfg) -> List[T.Augmentation]:
     """detectron2's training augmentations (resize, ``INPUT.RANDOM_FLIP``), or with
-    ``INPUT.DIHEDRAL_AUGMENTATION`` the resize followed by both flips and a random transpose."""
-    if not cfg.INPUT.DIHEDRAL_AUGMENTATION:
-        return build_augmentation(cfg, is_train=True)
-    resize = [a for a in build_augmentation(cfg, is_train=True) if not isinstance(a, T.RandomFlip)]
-    return resize + [
-        T.RandomFlip(prob=0.5, horizontal=True, vertical=False),
-        T.RandomFlip(prob=0.5, horizontal=False, vertical=True),
-        RandomTranspose(prob=0.5),
-    ]
+    ``INPUT.DIHEDRAL_AUGMENTATION`` the resize followed by both flips and a random transpose;
+    then the photometric ones of ``INPUT.PHOTOMETRIC`` (module docstring)."""
+    augs = build_augmentation(cfg, is_train=True)
+    jitter = cfg.INPUT.SCALE_JITTER
+    if jitter.TYPE not in SCALE_JITTER_TYPES:
+        raise ValueError(
+            f"INPUT.SCALE_JITTER.TYPE={jitter.TYPE!r} is not one of {list(SCALE_JITTER_TYPES)}"
+        )
+    if jitter.TYPE == "resize_scale":
+        if not 0 < jitter.MIN_SCALE <= jitter.MAX_SCALE or jitter.TARGET_SIZE <= 0:
+            raise ValueError(
+                f"INPUT.SCALE_JITTER: need 0 < MIN_SCALE <= MAX_SCALE and TARGET_SIZE > 0, got "
+                f"{jitter.MIN_SCALE}, {jitter.MAX_SCALE}, {jitter.TARGET_SIZE}"
+            )
+        size = jitter.TARGET_SIZE
+        augs = [
+            T.ResizeScale(jitter.MIN_SCALE, jitter.MAX_SCALE, size, size),
+            T.FixedSizeCrop((size, size)),
+        ] + [a for a in augs if isinstance(a, T.RandomFlip)]
+    if cfg.INPUT.DIHEDRAL_AUGMENTATION:
+        augs = [a for a in augs if not isinstance(a, T.RandomFlip)] + [
+            T.RandomFlip(prob=0.5, horizontal=True, vertical=False),
+            T.RandomFlip(prob=0.5, horizontal=False, vertical=True),
+            RandomTranspose(prob=0.5),
+        ]
+    return augs + build_photometric_augmentation(cfg)
+
+
+def build_photometric_augmentation(cfg) -> List[T.Augmentation]:
+    """``INPUT.PHOTOMETRIC``: brightness, contrast, saturation (those whose range is not
+    (1, 1)), each in a ``T.RandomApply`` with probability ``PROB``."""
+    photo = cfg.INPUT.PHOTOMETRIC
+    if not 0.0 <= photo.PROB <= 1.0:
+        raise ValueError(f"INPUT.PHOTOMETRIC.PROB={photo.PROB} must be in [0, 1]")
+    augs = []
+    for key, cls in (("BRIGHTNESS", T.RandomBrightness), ("CONTRAST", T.RandomContrast),
+                     ("SATURATION", T.RandomSaturation)):
+        value = photo[key]
+        if len(value) != 2 or not 0 <= value[0] <= value[1]:
+            raise ValueError(
+                f"INPUT.PHOTOMETRIC.{key}={tuple(value)} must be (min, max) with 0 <= min <= max "
+                "(intensity factors; (1.0, 1.0) is off)"
+            )
+        if tuple(value) != (1.0, 1.0):
+            augs.append(T.RandomApply(cls(float(value[0]), float(value[1])), prob=photo.PROB))
+    return augs

@@ -19,6 +19,7 @@ from detectron2.utils.events import get_event_storage
 from ..config import check_gfl_config, check_size_divisibility
 from ..input_checks import check_model_images
 from .atss import atss_assign, pad_gt_boxes
+from .box_voting import DistributionVoting, edge_variances
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
 from .uncertainty import distribution_uncertainty, edge_distributions
@@ -74,6 +75,7 @@ class GFL(DenseDetector):
         max_detections_per_image: int = 100,
         min_box_size_test: float = -1.0,
         output_distributions: bool = False,
+        box_voting: Optional[DistributionVoting] = None,
         pixel_mean: Tuple[float, ...],
         pixel_std: Tuple[float, ...],
         input_format: str = "BGR",
@@ -82,6 +84,7 @@ class GFL(DenseDetector):
         Args:
             backbone, head, head_in_features, pixel_mean, pixel_std: as in :class:`DenseDetector`.
             loss_weights: weights of "loss_cls", "loss_box" (GIoU), "loss_dfl", "loss_quality".
+            box_voting: distribution voting after NMS (``MODEL.GFL.BOX_VOTING``), or None.
             Other arguments: the ``MODEL.GFL`` keys of the same name (see ``gfocal/config.py``).
         """
         super().__init__(backbone, head, head_in_features, pixel_mean=pixel_mean, pixel_std=pixel_std)
@@ -104,6 +107,7 @@ class GFL(DenseDetector):
         self.min_box_size_test = min_box_size_test
         self.output_distributions = output_distributions and box_representation == "distribution"
         self.input_format = input_format
+        self.box_voting = box_voting
 
         shapes = backbone.output_shape()
         self.strides = [shapes[f].stride for f in self.head_in_features]
@@ -157,6 +161,7 @@ class GFL(DenseDetector):
             "max_detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "min_box_size_test": gfl.MIN_BOX_SIZE_TEST,
             "output_distributions": gfl.OUTPUT_DISTRIBUTIONS,
+            "box_voting": DistributionVoting.from_config(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "input_format": cfg.INPUT.FORMAT,
@@ -354,7 +359,8 @@ class GFL(DenseDetector):
             anchors: per-level (Ri, 4) anchors; scores: per-level (Ri, C) final scores;
             box_logits: per-level (Ri, box_dim).
         """
-        all_boxes, all_scores, all_classes, all_box_logits = [], [], [], []
+        all_boxes, all_scores, all_classes, all_box_logits, all_variances = [], [], [], [], []
+        voting = self.box_voting
         num_non_finite = 0
         for anchors_i, scores_i, box_logits_i, stride in zip(anchors, scores, box_logits, self.strides):
             # Top-k of all (anchor, class) scores, then the threshold: the same candidates as
@@ -380,6 +386,9 @@ class GFL(DenseDetector):
             all_classes.append(class_idxs[finite])
             if self.output_distributions:
                 all_box_logits.append(box_logits_i[anchor_idxs[finite]])
+            if voting is not None and voting.needs_variances:  # in pixels^2
+                variances = edge_variances(box_logits_i[anchor_idxs[finite]], self.reg_max)
+                all_variances.append(variances * stride**2)
         if not torch.jit.is_tracing() and int(num_non_finite):
             warnings.warn(
                 f"GFL inference: dropped {int(num_non_finite)} candidate boxes with NaN or "
@@ -401,6 +410,10 @@ class GFL(DenseDetector):
         keep = keep[: self.max_detections_per_image]
         result = Instances(image_size)
         result.pred_boxes = boxes[keep]
+        if voting is not None:  # distribution voting (gfocal/modeling/box_voting.py)
+            result.pred_boxes = Boxes(voting(
+                boxes.tensor, scores_all, classes, keep, cat(all_variances) if all_variances else None
+            ))
         result.scores = scores_all[keep]
         result.pred_classes = classes[keep]
         if self.output_distributions:
