@@ -240,3 +240,32 @@ def test_evaluation_sees_ema_weights_then_raw(train_net, ema_run, monkeypatch):
     cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = True
     with pytest.raises(KeyError, match="has no 'ema_state'"):
         train_net.Trainer.build_for_eval(cfg)
+
+
+def test_predictors_use_the_checkpoints_ema_weights(tmp_path):
+    """GFLPredictor and TiledPredictor (demo, predict, SAHI) load the EMA weights of a checkpoint
+    when MODEL_EMA.ENABLED and USE_EMA_WEIGHTS_FOR_EVAL_ONLY are set, the raw ones otherwise."""
+    from detectron2.modeling import build_model as _build
+
+    from gfocal.ema import EMAState
+    from gfocal.inference import TiledPredictor
+    from gfocal.predictor import GFLPredictor
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    model = _build(cfg)
+    ema = EMAState().copy_from(model)
+    for name in ema.state:
+        if ema.state[name].is_floating_point():
+            ema.state[name] = ema.state[name] + 0.5  # averages that differ from the raw weights
+    path = str(tmp_path / "ckpt.pth")
+    torch.save({"model": model.state_dict(), "ema_state": ema.state_dict()}, path)
+    cfg.MODEL.WEIGHTS = path
+    raw = model.head.cls_score.weight.detach()
+    averaged = ema.state["head.cls_score.weight"]
+    assert torch.equal(GFLPredictor(cfg).model.head.cls_score.weight, raw)
+    cfg.MODEL_EMA.ENABLED = True
+    cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = True
+    assert torch.equal(GFLPredictor(cfg).model.head.cls_score.weight, averaged)
+    tiled = TiledPredictor(cfg, weights=path)
+    assert torch.equal(tiled.model.head.cls_score.weight, averaged)

@@ -10,6 +10,7 @@ from detectron2.config import CfgNode, instantiate
 from detectron2.engine import DefaultPredictor
 
 from .checkpoint import GFLCheckpointer
+from .ema import apply_checkpoint_ema
 from .input_checks import check_bgr_image
 
 __all__ = ["LazyPredictor", "GFLPredictor"]
@@ -66,6 +67,9 @@ class GFLPredictor(DefaultPredictor):
         GFLCheckpointer(
             self.model, head_mismatch=cfg.MODEL.GFL.CHECKPOINT_HEAD_MISMATCH
         ).load(cfg.MODEL.WEIGHTS)
+        # MODEL_EMA.ENABLED + USE_EMA_WEIGHTS_FOR_EVAL_ONLY: predict with the checkpoint's
+        # averaged weights, as the evaluation after training does.
+        apply_checkpoint_ema(cfg, self.model, cfg.MODEL.WEIGHTS)
 
     def __call__(self, original_image: np.ndarray) -> dict:
         check_bgr_image(original_image, "GFLPredictor")

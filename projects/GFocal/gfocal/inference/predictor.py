@@ -15,6 +15,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from ..checkpoint import GFLCheckpointer
+from ..ema import apply_checkpoint_ema
 from .grid import check_tiling, tile_windows
 from .merge import merge_detections
 from .reader import WindowReader, open_image
@@ -127,6 +128,7 @@ class TiledPredictor:
             cfg.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR = ""
         model = build_model(cfg)
         GFLCheckpointer(model).load(weights or cfg.MODEL.WEIGHTS)
+        apply_checkpoint_ema(cfg, model, weights or cfg.MODEL.WEIGHTS)  # MODEL_EMA: averaged weights
         patch = kwargs.pop("patch_size", None) or int(cfg.INPUT.MIN_SIZE_TEST)
         overlap = kwargs.pop("overlap", None)
         return {
