@@ -131,9 +131,8 @@ def test_readme_command_parses(script, argv):
     cwd = os.getcwd()
     os.chdir(REPO_ROOT)
     try:
-        if script in ("train_net.py",):
-            args = module.parse_args(argv) if hasattr(module, "parse_args") else _d2_args(argv)
-            module.load_config(args)
+        if script == "train_net.py":
+            module.load_config(_d2_args(argv))
         elif script == "lazyconfig_train_net.py":
             from detectron2.config import LazyConfig
 
@@ -150,9 +149,12 @@ def test_readme_command_parses(script, argv):
 
 
 def _d2_args(argv):
+    """The training scripts' parser: detectron2's, with the ``--dataset`` flags."""
     from detectron2.engine import default_argument_parser
 
-    return default_argument_parser().parse_args(argv)
+    from gfocal.data.register import add_dataset_arguments
+
+    return add_dataset_arguments(default_argument_parser()).parse_args(argv)
 
 
 def faq_onnx_example() -> str:

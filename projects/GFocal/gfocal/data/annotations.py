@@ -17,7 +17,7 @@ partly outside the image                    clipped to the image, counted
 wholly outside the image                    dropped, counted
 no boxes left in an image                   the image is kept as all-negative, or removed by
                                             ``DATALOADER.FILTER_EMPTY_ANNOTATIONS``
-hundreds of boxes                           kept (ATSS is batched; see the README)
+hundreds of boxes                           kept (ATSS is batched; see docs/reliability.md)
 an image file missing on disk               error naming the first few and the count
 ==========================================  ================================================
 
