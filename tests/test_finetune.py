@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO_ROOT
@@ -45,6 +46,7 @@ def run(cmd, env=None):
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.trains_in_subprocess
 def test_finetune_from_an_mmdet_coco_checkpoint_on_a_voc_dataset(tmp_path):
     # A small VOC dataset with other classes (deepforest's SOAP_061: 'Alive', 'Dead'; OSBS_029: 'Tree').
     voc = tmp_path / "voc"

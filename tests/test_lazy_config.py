@@ -162,6 +162,7 @@ def _copypaste_ap(text: str) -> str:
     return lines[-1].split("copypaste: ")[1]
 
 
+@pytest.mark.trains_in_subprocess
 def test_python_config_trains_and_evaluates(tmp_path):
     """A few iterations through lazyconfig_train_net.py, then --eval-only on the checkpoint: the
     same detections and AP as the evaluation after training (score threshold 0: an untrained

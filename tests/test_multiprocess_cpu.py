@@ -35,6 +35,7 @@ def test_top_block_has_the_levels_the_head_reads(levels, top_keys, toy_image):
     assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
+@pytest.mark.trains_in_subprocess
 def test_two_cpu_processes_train_through_train_net(tmp_path):
     out = tmp_path / "out"
     cmd = [

@@ -325,6 +325,7 @@ def test_demo_draws_class_names_of_a_registered_dataset(voc, capsys):
     assert "pass --dataset" in capsys.readouterr().err
 
 
+@pytest.mark.trains_in_subprocess
 def test_two_cpu_workers_register_the_dataset_each(tmp_path):
     """``train_net.py --num-gpus 2``: each spawned worker registers the --dataset itself."""
     import subprocess
@@ -355,6 +356,7 @@ def test_two_cpu_workers_register_the_dataset_each(tmp_path):
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=False)["iteration"] == 1
 
 
+@pytest.mark.trains_in_subprocess
 def test_lazyconfig_trains_and_evaluates_a_voc_dataset(voc, tmp_path):
     """``lazyconfig_train_net.py --dataset``: a few iterations and the COCO evaluation of it."""
     import subprocess

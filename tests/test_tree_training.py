@@ -53,6 +53,7 @@ def test_freeze_and_bad_keys():
         load_lite0_weights(model, "/nonexistent.pth")
 
 
+@pytest.mark.trains_in_subprocess
 def test_main_job_short_run(tmp_path):
     """A few iterations through train_net.py, COCO evaluation, --eval-only and drawing."""
     out = tmp_path / "out"
