@@ -376,19 +376,19 @@ class GFL(DenseDetector):
             anchor_idxs = torch.div(flat_idxs, scores_i.shape[1], rounding_mode="floor")
             class_idxs = flat_idxs % scores_i.shape[1]
             centers = anchors_i.get_centers()[anchor_idxs]
-            distances = self.decode_distances(box_logits_i[anchor_idxs]) * stride
-            boxes_i = distances_to_boxes(centers, distances)
+            candidate_logits = box_logits_i[anchor_idxs]
+            boxes_i = distances_to_boxes(centers, self.decode_distances(candidate_logits) * stride)
             # Non-finite head outputs (a diverged model) give NaN/inf boxes: drop them.
             finite = torch.isfinite(boxes_i).all(dim=1)
             num_non_finite = num_non_finite + (~finite).sum()
+            candidate_logits = candidate_logits[finite]
             all_boxes.append(boxes_i[finite])
             all_scores.append(candidate_scores[finite])
             all_classes.append(class_idxs[finite])
             if self.output_distributions:
-                all_box_logits.append(box_logits_i[anchor_idxs[finite]])
+                all_box_logits.append(candidate_logits)
             if voting is not None and voting.needs_variances:  # in pixels^2
-                variances = edge_variances(box_logits_i[anchor_idxs[finite]], self.reg_max)
-                all_variances.append(variances * stride**2)
+                all_variances.append(edge_variances(candidate_logits, self.reg_max) * stride**2)
         if not torch.jit.is_tracing() and int(num_non_finite):
             warnings.warn(
                 f"GFL inference: dropped {int(num_non_finite)} candidate boxes with NaN or "
