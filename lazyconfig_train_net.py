@@ -14,7 +14,7 @@ Your own annotations: ``--dataset NAME=FORMAT:PATH[:IMAGE_ROOT]`` as in train_ne
 dataloader.train.dataset.num_classes=K`` (docs/own_data.md). ``train.reference_batch_size=16``
 scales optimizer.lr and the warm-up to ``dataloader.train.total_batch_size`` (linear scaling).
 ``train.model_ema`` (enabled, decay, ...: the YAML's MODEL_EMA keys in lower case) averages the
-weights (gfocal/ema.py); evaluation is then of the averages.
+weights (gfocal/engine/hooks/ema.py); evaluation is then of the averages.
 With ``train.device=cpu``, ``--num-gpus N`` starts N CPU worker processes (gloo).
 """
 import contextlib
@@ -34,14 +34,14 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 
 import gfocal  # noqa: F401  (registers the GFL meta-architecture, backbones and datasets)
-from gfocal.amp import AutocastTrainer
-from gfocal.batch_scaling import scale_lazy_solver_to_batch
-from gfocal.checkpoint import GFLCheckpointer
+from gfocal.engine.amp import AutocastTrainer
+from gfocal.engine.batch_scaling import scale_lazy_solver_to_batch
+from gfocal.model_io.checkpoint import GFLCheckpointer
 from gfocal.data.annotations import LAZY_NUM_CLASSES_KEY
 from gfocal.data.register import add_dataset_arguments, check_datasets, register_datasets_from_args
-from gfocal.ema import EMAHook, EMAState, load_ema_for_eval
+from gfocal.engine.hooks.ema import EMAHook, EMAState, load_ema_for_eval
 from gfocal.engine import launch
-from gfocal.nonfinite_guard import LAZY_ADVICE, NonFiniteLossGuard
+from gfocal.engine.hooks.nonfinite_guard import LAZY_ADVICE, NonFiniteLossGuard
 
 logger = logging.getLogger("detectron2")
 

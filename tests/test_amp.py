@@ -1,7 +1,7 @@
 """Mixed precision: the integral, QFL and DFL compute in float32 whatever their input dtype
 (GFocal#9, mmdetection#9020: half-precision overflow and lost soft targets), a GFL training step
 under CPU bfloat16 autocast gives finite float32 losses close to float32 training, and
-SOLVER.AMP.ENABLED on CPU trains with :class:`gfocal.amp.AutocastTrainer`."""
+SOLVER.AMP.ENABLED on CPU trains with :class:`gfocal.engine.amp.AutocastTrainer`."""
 
 import copy
 
@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from detectron2.modeling import build_model
 from detectron2.utils.events import EventStorage
 
-from gfocal.amp import AutocastTrainer, cpu_amp_trainer
+from gfocal.engine.amp import AutocastTrainer, cpu_amp_trainer
 from gfocal.modeling.integral import Integral
 from gfocal.modeling.losses import distribution_focal_loss, quality_focal_loss
 

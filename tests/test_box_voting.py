@@ -7,7 +7,7 @@ import torch
 from detectron2.modeling import build_model
 
 from conftest import tiny_cfg
-from gfocal.export import tracing_adapter
+from gfocal.model_io.export import tracing_adapter
 from gfocal.modeling.box_voting import DistributionVoting, edge_variances
 
 

@@ -10,7 +10,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import build_model
 
 from conftest import tiny_cfg
-from gfocal.checkpoint import CheckpointReadError, GFLCheckpointer, HeadMismatchError
+from gfocal.model_io.checkpoint import CheckpointReadError, GFLCheckpointer, HeadMismatchError
 
 
 def _model(**overrides):

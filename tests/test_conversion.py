@@ -1,4 +1,4 @@
-"""gfocal.conversion: mmdetection GFL state dicts (names and shapes as mmdet v1/v2/v3 write them,
+"""gfocal.model_io.conversion: mmdetection GFL state dicts (names and shapes as mmdet v1/v2/v3 write them,
 generated here from the architecture, independently of our model) -> detectron2 GFL models."""
 import math
 import os
@@ -12,7 +12,7 @@ from detectron2.modeling import META_ARCH_REGISTRY
 
 import gfocal
 from gfocal.utils import deform_conv_build_error
-from gfocal.conversion import (
+from gfocal.model_io.conversion import (
     ConversionError,
     check_against_model,
     convert_mmdet_gfl_checkpoint,

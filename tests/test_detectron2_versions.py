@@ -17,7 +17,7 @@ from detectron2.utils.events import EventStorage
 
 from conftest import CONFIG_DIR, REPO_ROOT, simulate_upstream_solver
 from gfocal import add_gfl_config
-from gfocal.solver import detectron2_sgd_foreach, sgd
+from gfocal.engine.solver import detectron2_sgd_foreach, sgd
 
 
 def _params():
@@ -41,7 +41,7 @@ def test_project_imports_without_pkg_resources():
         "try:\n    import detectron2.model_zoo\nexcept ImportError: pass\n"
         "else:\n    raise SystemExit('pkg_resources was not hidden')\n"
         "for m in [k for k in sys.modules if k.startswith('detectron2.model_zoo')]: del sys.modules[m]\n"
-        "import gfocal, gfocal.model_zoo, gfocal.predictor, gfocal.checkpoint, gfocal.export\n"
+        "import gfocal, gfocal.model_io.model_zoo, gfocal.inference.predictor, gfocal.model_io.checkpoint, gfocal.model_io.export\n"
         "sys.path[:0] = ['.', 'tools']\n"
         "import train_net, lazyconfig_train_net, demo, main_job, export_model\n"
         "from detectron2.config import LazyConfig\n"

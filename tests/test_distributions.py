@@ -1,5 +1,5 @@
 """Edge distributions and uncertainty as Instances fields (MODEL.GFL.OUTPUT_DISTRIBUTIONS), their
-drawing (gfocal.visualize_distributions, tools/plot_distributions.py) and tools/demo.py."""
+drawing (gfocal.visualization.distributions, tools/plot_distributions.py) and tools/demo.py."""
 import math
 import os
 import sys
@@ -14,7 +14,7 @@ from detectron2.modeling import build_model
 
 import gfocal
 from gfocal.modeling.uncertainty import distribution_uncertainty, edge_distributions
-from gfocal.visualize_distributions import draw_distributions
+from gfocal.visualization.distributions import draw_distributions
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs/mmdet/gfl_R_50_FPN_1x.yaml")

@@ -18,7 +18,7 @@ from torch import nn
 
 from detectron2.modeling import build_model
 
-from gfocal.export import export_onnx
+from gfocal.model_io.export import export_onnx
 
 from conftest import REPO_ROOT, tiny_cfg
 

@@ -1,4 +1,4 @@
-"""Weight EMA (gfocal/ema.py, MODEL_EMA.*): the update rule, frozen tensors, the checkpoint and
+"""Weight EMA (gfocal/engine/hooks/ema.py, MODEL_EMA.*): the update rule, frozen tensors, the checkpoint and
 --resume, and which weights the evaluation sees."""
 import copy
 import importlib.util
@@ -16,7 +16,7 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
 from conftest import REPO_ROOT, tiny_cfg
-from gfocal.ema import EMAHook, EMAState
+from gfocal.engine.hooks.ema import EMAHook, EMAState
 
 DATASET = "ema_toy"
 
@@ -247,9 +247,9 @@ def test_predictors_use_the_checkpoints_ema_weights(tmp_path):
     when MODEL_EMA.ENABLED and USE_EMA_WEIGHTS_FOR_EVAL_ONLY are set, the raw ones otherwise."""
     from detectron2.modeling import build_model as _build
 
-    from gfocal.ema import EMAState
+    from gfocal.engine.hooks.ema import EMAState
     from gfocal.inference import TiledPredictor
-    from gfocal.predictor import GFLPredictor
+    from gfocal.inference.predictor import GFLPredictor
 
     cfg = tiny_cfg()
     torch.manual_seed(0)

@@ -17,7 +17,7 @@ from torch import nn
 
 from detectron2.modeling import build_model
 
-from gfocal.export import compare_detections, export_onnx, export_torchscript, tracing_adapter
+from gfocal.model_io.export import compare_detections, export_onnx, export_torchscript, tracing_adapter
 from gfocal.modeling.integral import Integral
 
 from conftest import REPO_ROOT, tiny_cfg

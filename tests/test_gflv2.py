@@ -20,14 +20,14 @@ import gfocal
 from gfocal.config import check_gfl_config
 from conftest import REPO_ROOT, make_instances, tiny_cfg
 from gfocal import model_zoo
-from gfocal.conversion import (
+from gfocal.model_io.conversion import (
     ConversionError,
     check_against_model,
     check_dgqp_config,
     convert_mmdet_gfl_checkpoint,
     convert_mmdet_gfl_state_dict,
 )
-from gfocal.export import compare_detections, export_onnx, export_torchscript
+from gfocal.model_io.export import compare_detections, export_onnx, export_torchscript
 from gfocal.modeling.dgqp import DGQP, distribution_statistics
 from gfocal.modeling.losses import quality_focal_loss_on_log_scores, quality_focal_loss_on_scores
 from gfocal.utils import deform_conv_build_error

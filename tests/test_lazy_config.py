@@ -198,7 +198,7 @@ def test_python_config_trains_and_evaluates(tmp_path):
 def test_lazy_predictor_matches_default_predictor(tmp_path):
     from detectron2.engine import DefaultPredictor
 
-    from gfocal.predictor import LazyPredictor
+    from gfocal.inference.predictor import LazyPredictor
 
     cfg, lazy = load_pair("trees")
     cfg.MODEL.DEVICE = "cpu"

@@ -1,5 +1,5 @@
 """Parity with mmdetection's own GFL: build mmdet 3.x's R-50 GFL with random (perturbed) weights,
-convert its state dict with gfocal.conversion, run both on the same image and compare the
+convert its state dict with gfocal.model_io.conversion, run both on the same image and compare the
 per-level classification and distribution logits and the final detections.
 
 Needs mmdet (tools/setup_mmdet_env.sh creates .venv-mmdet with it; run this file with
@@ -106,7 +106,7 @@ def _build_gfocal(state_dict):
     from detectron2.modeling import build_model
 
     import gfocal
-    from gfocal.conversion import check_against_model, convert_mmdet_gfl_state_dict
+    from gfocal.model_io.conversion import check_against_model, convert_mmdet_gfl_state_dict
 
     cfg = get_cfg()
     gfocal.add_gfl_config(cfg)

@@ -1,4 +1,4 @@
-"""gfocal.model_zoo: the published-checkpoint table, offline advice, verify + convert once + cache,
+"""gfocal.model_io.model_zoo: the published-checkpoint table, offline advice, verify + convert once + cache,
 and DefaultPredictor on a zoo config. A small R-18 stand-in replaces the COCO files (not
 downloadable here)."""
 import hashlib

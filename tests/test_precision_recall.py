@@ -71,7 +71,7 @@ def test_config_keys_add_the_evaluator_to_train_net(tmp_path):
     from gfocal.evaluation import PrecisionRecallEvaluator
 
     sys.path.insert(0, REPO_ROOT)
-    from train_net import Trainer
+    from gfocal.engine import Trainer
 
     name = "pr_test_two_boxes"
     if name not in DatasetCatalog.list():

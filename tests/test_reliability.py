@@ -16,7 +16,7 @@ from detectron2.modeling import build_model
 from conftest import CONFIG_DIR, tiny_cfg
 from gfocal.data.annotations import check_image_files, train_dataset_dicts
 from gfocal.input_checks import check_bgr_image
-from gfocal.predictor import GFLPredictor, LazyPredictor
+from gfocal.inference.predictor import GFLPredictor, LazyPredictor
 
 
 # --------------------------------------------------------------------------------------------

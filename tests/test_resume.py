@@ -14,7 +14,7 @@ from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
 from conftest import REPO_ROOT, tiny_cfg
-from gfocal.checkpoint import GFLCheckpointer
+from gfocal.model_io.checkpoint import GFLCheckpointer
 
 DATASET = "reliability_resume"
 STOP_AFTER = 2  # iterations done when the run is killed (a checkpoint is written at iteration 2)

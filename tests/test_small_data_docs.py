@@ -10,7 +10,7 @@ from detectron2.engine import default_argument_parser
 from conftest import REPO_ROOT
 from gfocal.data.augmentation import build_train_augmentation
 from gfocal.modeling.box_voting import DistributionVoting
-from gfocal.modeling.test_time_augmentation import DatasetMapperTTA
+from gfocal.inference.test_time_augmentation import DatasetMapperTTA
 
 DOC = os.path.join(REPO_ROOT, "docs", "small_data.md")
 

@@ -1,5 +1,5 @@
-"""Small batches (the linear scaling rule, gfocal/batch_scaling.py) and the stop at a non-finite loss
-(gfocal/nonfinite_guard.py): the error names iteration, loss terms and lr; the last checkpoint
+"""Small batches (the linear scaling rule, gfocal/engine/batch_scaling.py) and the stop at a non-finite loss
+(gfocal/engine/hooks/nonfinite_guard.py): the error names iteration, loss terms and lr; the last checkpoint
 written before it stays loadable and is never replaced by a non-finite model."""
 import importlib.util
 import math
@@ -13,9 +13,9 @@ from detectron2.engine import HookBase, SimpleTrainer, hooks
 from detectron2.modeling import build_model
 
 from conftest import CONFIG_DIR, REPO_ROOT, tiny_cfg
-from gfocal.batch_scaling import scale_lazy_solver_to_batch, scale_solver_to_batch
-from gfocal.checkpoint import GFLCheckpointer
-from gfocal.nonfinite_guard import NonFiniteLossError, NonFiniteLossGuard
+from gfocal.engine.batch_scaling import scale_lazy_solver_to_batch, scale_solver_to_batch
+from gfocal.model_io.checkpoint import GFLCheckpointer
+from gfocal.engine.hooks.nonfinite_guard import NonFiniteLossError, NonFiniteLossGuard
 
 
 # ------------------------------------------------------------------------------------------------

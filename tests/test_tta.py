@@ -1,4 +1,4 @@
-"""Test-time augmentation (gfocal/modeling/test_time_augmentation.py, TEST.AUG.*) and weighted
+"""Test-time augmentation (gfocal/inference/test_time_augmentation.py, TEST.AUG.*) and weighted
 box fusion (gfocal/modeling/box_fusion.py)."""
 import importlib.util
 import os
@@ -12,7 +12,7 @@ from detectron2.structures import Boxes, Instances
 
 from conftest import REPO_ROOT, tiny_cfg
 from gfocal.modeling.box_fusion import weighted_box_fusion
-from gfocal.modeling.test_time_augmentation import DatasetMapperTTA, GFLWithTTA
+from gfocal.inference.test_time_augmentation import DatasetMapperTTA, GFLWithTTA
 
 
 def _tta_cfg(**aug):

@@ -13,7 +13,7 @@ import sys
 from detectron2.config import get_cfg
 
 import gfocal
-from gfocal.conversion import ConversionError, convert_mmdet_gfl_checkpoint
+from gfocal.model_io.conversion import ConversionError, convert_mmdet_gfl_checkpoint
 
 
 def get_parser() -> argparse.ArgumentParser:

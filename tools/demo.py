@@ -29,10 +29,10 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import gfocal
 from gfocal import model_zoo
-from gfocal.conversion import ConversionError, convert_mmdet_gfl_checkpoint
+from gfocal.model_io.conversion import ConversionError, convert_mmdet_gfl_checkpoint
 from gfocal.data.annotations import check_num_classes
 from gfocal.data.register import add_dataset_arguments, register_datasets_from_args
-from gfocal.predictor import GFLPredictor
+from gfocal.inference.predictor import GFLPredictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW_NAME = "GFL detections"
@@ -42,7 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Model choice, threshold and device flags shared by the demo and the distribution plot."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config-file", help="a GFL config (e.g. configs/mmdet/gfl_R_50_FPN_1x.yaml)")
-    source.add_argument("--zoo", help=f"a gfocal.model_zoo name: {model_zoo.list_models()}")
+    source.add_argument("--zoo", help=f"a gfocal.model_io.model_zoo name: {model_zoo.list_models()}")
     parser.add_argument("--weights", help="checkpoint to load (sets MODEL.WEIGHTS)")
     parser.add_argument("--mmdet-weights", help="an mmdetection GFL checkpoint: converted (once, "
                         "into --converted-dir) for the config, then loaded")

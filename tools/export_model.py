@@ -30,9 +30,9 @@ from detectron2.utils.logger import setup_logger
 
 import gfocal  # noqa: F401  (registers GFL)
 from gfocal import add_gfl_config
-from gfocal.export import compare_detections, export_onnx, export_torchscript
+from gfocal.model_io.export import compare_detections, export_onnx, export_torchscript
 
-logger = logging.getLogger("gfocal.export")
+logger = logging.getLogger("gfocal.model_io.export")
 
 
 def parse_args(argv=None):

@@ -136,8 +136,8 @@ def draw_predictions(cfg, weights: str, out_dir: str, num: int, score_thresh: fl
     cfg = cfg.clone()
     cfg.MODEL.WEIGHTS = weights
     predictor = DefaultPredictor(cfg)
-    from gfocal.ema import apply_checkpoint_ema  # the recipe's EMA weights and TTA, if set
-    from gfocal.modeling.test_time_augmentation import GFLWithTTA
+    from gfocal.engine.hooks.ema import apply_checkpoint_ema  # the recipe's EMA weights and TTA, if set
+    from gfocal.inference.test_time_augmentation import GFLWithTTA
 
     apply_checkpoint_ema(cfg, predictor.model, weights)
     if cfg.TEST.AUG.ENABLED:

@@ -12,8 +12,8 @@ from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 
 from demo import setup_cfg, add_model_arguments
-from gfocal.predictor import GFLPredictor
-from gfocal.visualize_distributions import draw_distributions
+from gfocal.inference.predictor import GFLPredictor
+from gfocal.visualization.distributions import draw_distributions
 
 
 def get_parser() -> argparse.ArgumentParser:

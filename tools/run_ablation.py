@@ -170,13 +170,12 @@ def run_single(args: argparse.Namespace) -> None:
     """One training + evaluation in this process; writes results.json."""
     import torch
 
-    sys.path.insert(0, REPO)
     from detectron2.config import get_cfg
     from detectron2.engine import default_setup
 
     from gfocal import add_gfl_config
     from gfocal.evaluation.precision_recall import results_precision_recall
-    from train_net import Trainer
+    from gfocal.engine import Trainer
 
     class AblationTrainer(Trainer):
         @classmethod

@@ -38,12 +38,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> List[Dict[str, float]]:
     args = parse_args(argv)
-    sys.path.insert(0, REPO)
     from detectron2.config import get_cfg
 
     from gfocal import add_gfl_config
-    from gfocal.checkpoint import GFLCheckpointer
-    from train_net import Trainer
+    from gfocal.model_io.checkpoint import GFLCheckpointer
+    from gfocal.engine import Trainer
 
     if not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights: no file {args.weights}")

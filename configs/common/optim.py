@@ -3,7 +3,7 @@
 from detectron2.config import LazyCall as L
 from detectron2.solver.build import get_default_optimizer_params
 
-from gfocal.solver import sgd
+from gfocal.engine.solver import sgd
 
 SGD = L(sgd)(
     # params.model is set to the model before the optimizer is instantiated.

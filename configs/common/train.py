@@ -3,7 +3,7 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",
     max_iter=90000,
-    amp=dict(enabled=False),  # on CPU: bfloat16 autocast (gfocal/amp.py)
+    amp=dict(enabled=False),  # on CPU: bfloat16 autocast (gfocal/engine/amp.py)
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=10000, max_to_keep=100),
     eval_period=0,  # 0: evaluate once, after training

@@ -9,7 +9,7 @@ QUALITY_BRANCHES = ("joint", "centerness", "iou", "none", "dgqp")
 # Quality representations trained by QFL (a joint class-quality score); the others use Focal Loss.
 QFL_QUALITIES = ("joint", "dgqp")
 BOX_REPRESENTATIONS = ("distribution", "dirac")
-HEAD_MISMATCH_POLICIES = ("error", "reinit")  # see gfocal/checkpoint.py
+HEAD_MISMATCH_POLICIES = ("error", "reinit")  # see gfocal/model_io/checkpoint.py
 
 
 def add_gfl_config(cfg: CN) -> None:
@@ -100,7 +100,7 @@ def add_gfl_config(cfg: CN) -> None:
     _C.INPUT.DIHEDRAL_AUGMENTATION = False
 
     # The batch BASE_LR and WARMUP_ITERS were written for: train_net.py scales them to
-    # SOLVER.IMS_PER_BATCH by the linear scaling rule (gfocal/batch_scaling.py). 0: off (the
+    # SOLVER.IMS_PER_BATCH by the linear scaling rule (gfocal/engine/batch_scaling.py). 0: off (the
     # default; the COCO configs' Base-GFL.yaml sets 16, the paper's batch).
     _C.SOLVER.REFERENCE_IMS_PER_BATCH = 0
 
@@ -130,7 +130,7 @@ def add_small_data_config(cfg: CN) -> None:
     """Keys for small data sets (docs/small_data.md): weight EMA, photometric and scale
     augmentation, test-time augmentation and distribution voting. All off by default."""
     _C = cfg
-    # Weight EMA (gfocal/ema.py); the keys of d2go's MODEL_EMA.
+    # Weight EMA (gfocal/engine/hooks/ema.py); the keys of d2go's MODEL_EMA.
     _C.MODEL_EMA = CN()
     _C.MODEL_EMA.ENABLED = False
     _C.MODEL_EMA.DECAY = 0.999
@@ -164,7 +164,7 @@ def add_small_data_config(cfg: CN) -> None:
     _C.INPUT.SCALE_JITTER.MAX_SCALE = 1.25
     _C.INPUT.SCALE_JITTER.TARGET_SIZE = 400
 
-    # Test-time augmentation (gfocal/modeling/test_time_augmentation.py) beside detectron2's
+    # Test-time augmentation (gfocal/inference/test_time_augmentation.py) beside detectron2's
     # TEST.AUG.ENABLED / MIN_SIZES / MAX_SIZE / FLIP: the 8 symmetries of the square instead of
     # the horizontal flip, and how the detections of all versions are merged: "nms" (class-wise,
     # IoU MERGE_IOU_THRESH; <= 0: MODEL.GFL.NMS_THRESH_TEST) or "wbf" (weighted box fusion, IoU

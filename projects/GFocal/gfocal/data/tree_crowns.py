@@ -33,6 +33,8 @@ import numpy as np
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from ..tiling import tile_boxes, tile_grid
+
 __all__ = [
     "TREE_SPLITS",
     "TileSpec",
@@ -114,53 +116,6 @@ def read_voc_boxes(xml_path: str, image_hw: Tuple[int, int]) -> np.ndarray:
             )
         boxes.append(obj.box)
     return np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-
-
-def _starts(length: int, tile: int, step: int) -> List[int]:
-    """The fewest starts with spacing <= ``step`` that cover ``length``, spread evenly."""
-    if length <= tile:
-        return [0]
-    count = -(-(length - tile) // step) + 1
-    return np.linspace(0, length - tile, count).round().astype(int).tolist()
-
-
-def tile_grid(image_hw: Tuple[int, int], tile_size: int, overlap: int) -> np.ndarray:
-    """(T, 4) XYXY tile windows covering an image; tiles never extend past its border."""
-    height, width = image_hw
-    step = tile_size - overlap
-    ys = _starts(height, tile_size, step)
-    xs = _starts(width, tile_size, step)
-    return np.asarray(
-        [[x, y, min(x + tile_size, width), min(y + tile_size, height)] for y in ys for x in xs],
-        dtype=np.float64,
-    )
-
-
-def tile_boxes(
-    boxes: np.ndarray, window: np.ndarray, min_visible: float, min_side: float
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Boxes of one tile in tile coordinates, with the border rule of the module doc.
-
-    Returns:
-        (K, 4) clipped XYXY boxes relative to the tile and (K,) bool ``iscrowd`` flags.
-    """
-    x0, y0, x1, y1 = window
-    clipped = np.stack(
-        [
-            boxes[:, 0].clip(x0, x1),
-            boxes[:, 1].clip(y0, y1),
-            boxes[:, 2].clip(x0, x1),
-            boxes[:, 3].clip(y0, y1),
-        ],
-        axis=1,
-    )
-    w = clipped[:, 2] - clipped[:, 0]
-    h = clipped[:, 3] - clipped[:, 1]
-    keep = (w >= max(min_side, 1e-6)) & (h >= max(min_side, 1e-6))
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    visible = (w * h) / area
-    crowd = visible < min_visible
-    return clipped[keep] - np.array([x0, y0, x0, y0]), crowd[keep]
 
 
 def _sha256(path: str) -> str:

@@ -1,7 +1,7 @@
 """Whole-image (tiled) prediction: grid, window reader, batched predictor, seam merge, writers."""
-from .grid import check_tiling, tile_windows
+from ..tiling import check_tiling, tile_windows
 from .merge import merge_detections
-from .predictor import ArrayReader, TiledPredictor, TiledResult
+from .tiled import ArrayReader, TiledPredictor, TiledResult
 from .reader import IMAGE_EXTENSIONS, ImageReadError, WindowReader, open_image
 
 __all__ = [

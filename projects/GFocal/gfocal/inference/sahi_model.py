@@ -9,7 +9,7 @@ import numpy as np
 from sahi.models.base import DetectionModel
 from sahi.prediction import ObjectPrediction
 
-from .predictor import TiledPredictor
+from .tiled import TiledPredictor
 
 __all__ = ["GFLDetectionModel"]
 

@@ -7,6 +7,7 @@ from .efficientnet_lite import (
 )
 from .gfl import GFL
 from .head import GFLHead
+from .inference_thresholds import get_inference_thresholds, inference_thresholds, set_inference_thresholds
 from .integral import Integral, boxes_to_distances, distances_to_boxes
 from .losses import distribution_focal_loss, giou_loss, quality_focal_loss
 

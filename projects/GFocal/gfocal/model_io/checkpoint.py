@@ -8,7 +8,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .config import HEAD_MISMATCH_POLICIES
+from ..config import HEAD_MISMATCH_POLICIES
 
 __all__ = ["GFLCheckpointer", "CheckpointReadError", "HeadMismatchError", "HEAD_MISMATCH_POLICIES"]
 

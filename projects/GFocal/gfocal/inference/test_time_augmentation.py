@@ -22,7 +22,7 @@ from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
 from ..data.augmentation import TransposeTransform
-from .box_fusion import weighted_box_fusion
+from ..modeling.box_fusion import weighted_box_fusion
 
 __all__ = ["DatasetMapperTTA", "GFLWithTTA", "dihedral_transforms", "MERGE_METHODS"]
 

@@ -175,7 +175,7 @@ def apply_checkpoint_ema(cfg, model: nn.Module, path: str) -> bool:
     ones) and return True; else leave it and return False."""
     if not (cfg.MODEL_EMA.ENABLED and cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY):
         return False
-    from .checkpoint import GFLCheckpointer
+    from ...model_io.checkpoint import GFLCheckpointer
 
     ema_state = build_ema_state(cfg, model)
     checkpointer = GFLCheckpointer(model, ema_state=ema_state)

@@ -23,7 +23,7 @@ import torch
 
 from detectron2.config import CfgNode, get_cfg
 
-from .config import add_gfl_config
+from ..config import add_gfl_config
 
 __all__ = ["ZooEntry", "MODELS", "GFLV2_MODELS", "list_models", "get_config_file", "get_config", "get_checkpoint", "get"]
 
@@ -135,13 +135,13 @@ def _lookup(name: str) -> Tuple[str, ZooEntry]:
     key = key if key.startswith("mmdet/") else f"mmdet/{key}"
     entry = MODELS.get(key) or GFLV2_MODELS.get(key)
     if entry is None:
-        raise KeyError(f"{name!r} is not in gfocal.model_zoo; available: {list_models()}")
+        raise KeyError(f"{name!r} is not in gfocal.model_io.model_zoo; available: {list_models()}")
     return key, entry
 
 
 def _configs_root() -> str:
     root = os.environ.get("GFOCAL_CONFIGS") or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "configs"
+        os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "..", "configs"
     )
     return os.path.normpath(root)
 

@@ -326,7 +326,7 @@ def convert_mmdet_gfl_checkpoint(src: str, dst: str, cfg, allow_pickle: bool = F
         model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg)
     check_against_model(converted, model.state_dict())
     torch.save(
-        {"model": converted, "__author__": f"gfocal.conversion of {src}", "matching_heuristics": False},
+        {"model": converted, "__author__": f"gfocal.model_io.conversion of {src}", "matching_heuristics": False},
         dst,
     )
     return info

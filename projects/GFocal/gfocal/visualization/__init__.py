@@ -1,0 +1,4 @@
+"""Drawings of detections."""
+from .distributions import draw_distributions
+
+__all__ = ["draw_distributions"]
