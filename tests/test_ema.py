@@ -1,7 +1,7 @@
 """Weight EMA (gfocal/engine/hooks/ema.py, MODEL_EMA.*): the update rule, frozen tensors, the checkpoint and
---resume, and which weights the evaluation sees."""
+--resume, the start of the averages at the weights training starts from (MODEL.WEIGHTS, a resumed
+checkpoint), and which weights the evaluation sees."""
 import copy
-import importlib.util
 import os
 import shutil
 
@@ -15,7 +15,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase
 from detectron2.utils.env import seed_all_rng
 
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import tiny_cfg
 from gfocal.engine.hooks.ema import EMAHook, EMAState
 
 DATASET = "ema_toy"
@@ -83,15 +83,8 @@ def test_apply_and_restore():
 
 
 # ----------------------------------------------------------------------------------------------
-# With train_net.py's Trainer
+# With the trainer of train_net.py (gfocal.engine.Trainer)
 # ----------------------------------------------------------------------------------------------
-def _train_net():
-    spec = importlib.util.spec_from_file_location("train_net", os.path.join(REPO_ROOT, "train_net.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _Recorder(HookBase):
     """After each step: the raw weights and the EMA state (the EMA hook runs before this)."""
 
@@ -112,7 +105,9 @@ class _Recorder(HookBase):
 
 @pytest.fixture(scope="module")
 def train_net():
-    return _train_net()
+    import gfocal.engine
+
+    return gfocal.engine
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +235,83 @@ def test_evaluation_sees_ema_weights_then_raw(train_net, ema_run, monkeypatch):
     cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = True
     with pytest.raises(KeyError, match="has no 'ema_state'"):
         train_net.Trainer.build_for_eval(cfg)
+
+
+def _weights_file(cfg, path: str) -> dict:
+    """A MODEL.WEIGHTS file of ``cfg``'s model with weights far from a fresh model's."""
+    from detectron2.modeling import build_model as _build
+
+    torch.manual_seed(1)
+    model = _build(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.25)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"model": state}, path)
+    return state
+
+
+def test_averages_start_at_the_loaded_weights(train_net, cfg_factory, tmp_path):
+    """MODEL.WEIGHTS loaded by resume_or_load (after the trainer and its EMA state were built):
+    the averages start at those weights, not at the model's initialisation. With DECAY 1 the
+    averages never move, so after training they are still the loaded weights, exactly."""
+    cfg = cfg_factory("start_at_weights", **{"MODEL_EMA.DECAY": 1.0, "SOLVER.MAX_ITER": 2,
+                                             "SOLVER.CHECKPOINT_PERIOD": 100})
+    cfg.MODEL.WEIGHTS = str(tmp_path / "weights.pth")
+    loaded = _weights_file(cfg, cfg.MODEL.WEIGHTS)
+    log = {}
+    trainer = _run(train_net, cfg, log)
+    trained = "head.cls_score.weight"
+    assert not torch.equal(log[1]["model"][trained], loaded[trained])  # the raw weights trained
+    for name, average in trainer.ema_state.state.items():
+        assert torch.equal(average, loaded[name]), name
+    assert trainer.ema_state.num_updates == 2
+
+
+def test_fine_tuning_averages_the_fine_tuned_weights(train_net, cfg_factory, ema_run):
+    """Fine-tuning from a checkpoint of an EMA run (MODEL.WEIGHTS, no --resume): the averages start
+    at the checkpoint's raw weights (neither the new model's initialisation nor the checkpoint's
+    own averages) and follow the update rule over the fine-tuned weights."""
+    first, _ = ema_run
+    weights = os.path.join(first.cfg.OUTPUT_DIR, "model_final.pth")
+    saved = torch.load(weights, weights_only=False)
+    cfg = cfg_factory("finetune", **{"SOLVER.BASE_LR": 0.005, "SOLVER.CHECKPOINT_PERIOD": 100})
+    cfg.MODEL.WEIGHTS = weights
+    log = {}
+    trainer = _run(train_net, cfg, log)
+    trained = "head.cls_score.weight"
+    assert torch.equal(log["init"][trained], saved["model"][trained])
+    assert not torch.equal(log["init"][trained], saved["ema_state"]["state"][trained])
+    expected = saved["model"][trained]
+    for i in range(3):
+        expected = 0.6 * expected + 0.4 * log[i]["model"][trained]
+    assert torch.allclose(trainer.ema_state.state[trained], expected, atol=1e-6)
+    # The averages are near the fine-tuned weights: closer than a fresh model's initialisation.
+    final = log[2]["model"][trained]
+    fresh = EMAState().copy_from(train_net.Trainer.build_model(cfg)).state[trained]
+    assert (trainer.ema_state.state[trained] - final).norm() < 0.5 * (fresh - final).norm()
+    assert trainer.ema_state.num_updates == 3
+
+
+def test_resume_without_an_ema_state_starts_at_the_resumed_weights(train_net, cfg_factory):
+    """--resume from a checkpoint written without MODEL_EMA.ENABLED: the averages start at the
+    resumed weights (a checkpoint's own EMA state, when it has one, wins: see the resume test)."""
+    plain = cfg_factory("plain", **{"MODEL_EMA.ENABLED": False, "SOLVER.MAX_ITER": 2})
+    _run(train_net, plain, {})
+    cfg = cfg_factory("resume_plain", **{"SOLVER.MAX_ITER": 3})
+    os.makedirs(cfg.OUTPUT_DIR)
+    shutil.copy(os.path.join(plain.OUTPUT_DIR, "model_0000001.pth"), cfg.OUTPUT_DIR)
+    with open(os.path.join(cfg.OUTPUT_DIR, "last_checkpoint"), "w") as f:
+        f.write("model_0000001.pth")
+    log = {}
+    trainer = _run(train_net, cfg, log, resume=True)
+    assert trainer.start_iter == 2
+    resumed = torch.load(os.path.join(cfg.OUTPUT_DIR, "model_0000001.pth"), weights_only=False)
+    assert "ema_state" not in resumed
+    trained = "head.cls_score.weight"
+    assert torch.equal(log["init"][trained], resumed["model"][trained])
+    expected = 0.6 * resumed["model"][trained] + 0.4 * log[2]["model"][trained]
+    assert torch.allclose(trainer.ema_state.state[trained], expected, atol=1e-6)
 
 
 def test_predictors_use_the_checkpoints_ema_weights(tmp_path):
