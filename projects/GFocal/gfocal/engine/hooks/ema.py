@@ -186,6 +186,11 @@ def apply_checkpoint_ema(cfg, model: nn.Module, path: str) -> bool:
 class EMAHook(HookBase):
     """After every step, move the EMA state towards the trained model's weights.
 
+    Before training, the averages start at the weights the model trains from: the trainer builds
+    its EMA state before ``resume_or_load`` loads ``MODEL.WEIGHTS`` (or a checkpoint to resume),
+    so unless that checkpoint restored an EMA state (``EMAState.loaded``), the state is copied
+    from the model again here (as d2go's EMAHook does in ``before_train``).
+
     Place it before the checkpointer and evaluation hooks: a checkpoint or an evaluation after
     step ``i`` then sees the averages including step ``i``.
     """
@@ -196,6 +201,12 @@ class EMAHook(HookBase):
         self.ema_state = ema_state
         self.decay = decay
         self.warm_up_factor = warm_up_factor
+
+    def before_train(self) -> None:
+        if not self.ema_state.loaded:
+            self.ema_state.copy_from(self.trainer.model)
+            logger.info("EMA of the weights started at the model's weights before iteration %d",
+                        self.trainer.iter)
 
     def after_step(self) -> None:
         self.ema_state.update(self.trainer.model, self.decay, self.warm_up_factor)
