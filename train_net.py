@@ -14,58 +14,25 @@ annotations in every worker. ``SOLVER.REFERENCE_IMS_PER_BATCH`` scales BASE_LR a
 
 With ``MODEL.DEVICE cpu``, ``--num-gpus N`` starts N CPU worker processes (gloo; gfocal/engine/launch.py).
 
-Flags and trailing ``KEY VALUE`` overrides are detectron2's (``default_argument_parser``).
+Flags and trailing ``KEY VALUE`` overrides are detectron2's (``default_argument_parser``). The
+trainer, setup and evaluation are in gfocal/engine/ (trainer.py, defaults.py).
 """
 import logging
 
-import detectron2.utils.comm as comm
-from detectron2.config import get_cfg
-from detectron2.engine import default_argument_parser, default_setup
-from detectron2.evaluation import verify_results
+from detectron2.engine import default_argument_parser
 
 import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
-from gfocal import add_gfl_config
-from gfocal.data.register import add_dataset_arguments, check_datasets, register_datasets_from_args
+from gfocal.config import load_config
+from gfocal.data.register import add_dataset_arguments, register_datasets_from_args
 from gfocal.engine import Trainer, launch
-from gfocal.engine.batch_scaling import scale_solver_to_batch
+from gfocal.engine.defaults import setup, train_or_evaluate
 
-__all__ = ["Trainer", "load_config", "setup", "main"]
-
-
-def load_config(args):
-    """The config of ``--config-file`` with the command line's overrides."""
-    cfg = get_cfg()
-    add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    return cfg
-
-
-def setup(args):
-    cfg = load_config(args)
-    scaling = scale_solver_to_batch(cfg)
-    cfg.freeze()
-    # The data checks come before default_setup, which writes into OUTPUT_DIR.
-    check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.GFL.NUM_CLASSES)
-    default_setup(cfg, args)
-    if scaling:
-        logging.getLogger("detectron2").info(scaling)
-    return cfg
+__all__ = ["Trainer", "setup", "main"]
 
 
 def main(args):
     register_datasets_from_args(args)  # in every worker process
-    cfg = setup(args)
-    if args.eval_only:
-        model, ema_state = Trainer.build_for_eval(cfg, resume=args.resume)
-        res = Trainer.test_all(cfg, model, ema_state)
-        if comm.is_main_process():
-            verify_results(cfg, res)
-        return res
-
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+    return train_or_evaluate(setup(args), args)
 
 
 if __name__ == "__main__":
@@ -78,5 +45,5 @@ if __name__ == "__main__":
         machine_rank=args.machine_rank,
         dist_url=args.dist_url,
         args=(args,),
-        device=load_config(args).MODEL.DEVICE,
+        device=load_config(args.config_file, args.opts).MODEL.DEVICE,
     )

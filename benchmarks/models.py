@@ -19,7 +19,7 @@ from detectron2.modeling import build_model
 from detectron2.modeling.box_regression import Box2BoxTransformLinear
 
 import gfocal  # noqa: F401  (registers GFL)
-from gfocal import add_gfl_config
+from gfocal import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("GFL", "RetinaNet", "FCOS")
@@ -31,9 +31,7 @@ def _logit(p: float) -> float:
 
 def build_gfl(depth: int = 50, num_classes: int = 80, config: str = "") -> nn.Module:
     """GFL from ``configs/gfl_R_50_FPN_1x.yaml`` (or ``config``), ResNet depth ``depth``."""
-    cfg = get_cfg()
-    add_gfl_config(cfg)
-    cfg.merge_from_file(config or os.path.join(ROOT, "configs", "gfl_R_50_FPN_1x.yaml"))
+    cfg = load_config(config or os.path.join(ROOT, "configs", "gfl_R_50_FPN_1x.yaml"))
     cfg.MODEL.WEIGHTS = ""
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.RESNETS.DEPTH = depth

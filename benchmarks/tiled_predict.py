@@ -68,14 +68,9 @@ def parse_args(argv=None):
 
 
 def load_cfg(config_file: str, weights: str, opts=()):
-    from detectron2.config import get_cfg
+    from gfocal import load_config
 
-    from gfocal import add_gfl_config
-
-    cfg = get_cfg()
-    add_gfl_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    cfg = load_config(config_file, opts)
     cfg.MODEL.WEIGHTS = weights
     cfg.MODEL.DEVICE = "cpu"
     # No training-time feature cache: it would serve repeats from memory.

@@ -132,12 +132,15 @@ def test_readme_command_parses(script, argv):
     os.chdir(REPO_ROOT)
     try:
         if script == "train_net.py":
-            module.load_config(_d2_args(argv))
-        elif script == "lazyconfig_train_net.py":
-            from detectron2.config import LazyConfig
+            from gfocal.config import load_config
 
             args = _d2_args(argv)
-            LazyConfig.apply_overrides(LazyConfig.load(args.config_file), args.opts)
+            load_config(args.config_file, args.opts)
+        elif script == "lazyconfig_train_net.py":
+            from gfocal.config import load_lazy_config
+
+            args = _d2_args(argv)
+            load_lazy_config(args.config_file, args.opts)
         elif hasattr(module, "parse_args"):
             module.parse_args(argv)
         elif hasattr(module, "get_parser"):

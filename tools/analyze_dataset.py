@@ -17,7 +17,6 @@ import json
 import os
 import sys
 
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.modeling import build_backbone
 
@@ -62,10 +61,7 @@ def _backbone_geometry(cfg):
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     registered = register_datasets_from_args(args)
-    cfg = get_cfg()
-    gfocal.add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = gfocal.load_config(args.config_file, args.opts)
     if args.synthetic_coco:
         names = [f"synthetic COCO-sized ({args.synthetic_coco} images, seed {args.seed})"]
         records = synthetic_coco_sized_records(args.synthetic_coco, args.seed)

@@ -10,7 +10,6 @@ import argparse
 import os
 import sys
 
-from detectron2.config import get_cfg
 
 import gfocal
 from gfocal.model_io.conversion import ConversionError, convert_mmdet_gfl_checkpoint
@@ -32,10 +31,7 @@ def get_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    cfg = get_cfg()
-    gfocal.add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = gfocal.load_config(args.config_file, args.opts)
     if not os.path.isfile(args.input):
         print(f"error: --input {args.input}: no such file", file=sys.stderr)
         return 2

@@ -20,7 +20,7 @@ from typing import List
 import cv2
 import tqdm
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -61,9 +61,7 @@ def setup_cfg(args: argparse.Namespace, extra_opts: List[str] = ()) -> CfgNode:
     if args.zoo:
         cfg = model_zoo.get_config(args.zoo, trained=not args.weights, cache_dir=args.cache_dir)
     else:
-        cfg = get_cfg()
-        gfocal.add_gfl_config(cfg)
-        cfg.merge_from_file(args.config_file)
+        cfg = gfocal.load_config(args.config_file)
     cfg.merge_from_list(list(args.opts) + list(extra_opts))
     if args.weights and args.mmdet_weights:
         raise SystemExit("error: give --weights or --mmdet-weights, not both")

@@ -22,14 +22,13 @@ import os
 import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 import gfocal  # noqa: F401  (registers GFL)
-from gfocal import add_gfl_config
+from gfocal import load_config
 from gfocal.model_io.export import compare_detections, export_onnx, export_torchscript
 
 logger = logging.getLogger("gfocal.model_io.export")
@@ -68,10 +67,7 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     return cfg
 

@@ -94,16 +94,12 @@ def main(argv=None) -> int:
         except ImageReadError as e:
             raise SystemExit(f"error: {e}")
 
-    from detectron2.config import get_cfg
     from detectron2.data import MetadataCatalog
 
     import gfocal
     from gfocal.inference import TiledPredictor, writers
 
-    cfg = get_cfg()
-    gfocal.add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = gfocal.load_config(args.config_file, args.opts)
     if args.device:
         cfg.MODEL.DEVICE = args.device
     try:

@@ -1,5 +1,7 @@
 """Config keys of the GFL project, added to a detectron2 config by :func:`add_gfl_config`."""
 import math
+import os
+from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 
@@ -301,3 +303,28 @@ def check_size_divisibility(backbone) -> None:
             f"padded input size must be a multiple of {needed}: set size_divisibility to a "
             f"multiple of {needed}"
         )
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """The one YAML loader of the project: detectron2's defaults, the project's keys
+    (:func:`add_gfl_config`), ``config_file`` and the ``KEY VALUE`` overrides ``opts``, merged in
+    this order; not frozen. A missing file is refused with its path."""
+    from detectron2.config import get_cfg
+
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file}: no such file")
+    cfg = get_cfg()
+    add_gfl_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def load_lazy_config(config_file: str, opts: Sequence[str] = ()):
+    """The LazyConfig counterpart of :func:`load_config`: ``config_file`` (a Python config) with
+    the ``key=value`` overrides ``opts``."""
+    from detectron2.config import LazyConfig
+
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"--config-file {config_file}: no such file")
+    return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))

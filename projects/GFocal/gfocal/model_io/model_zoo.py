@@ -21,9 +21,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 
-from ..config import add_gfl_config
+from ..config import load_config
 
 __all__ = ["ZooEntry", "MODELS", "GFLV2_MODELS", "list_models", "get_config_file", "get_config", "get_checkpoint", "get"]
 
@@ -163,11 +163,7 @@ def get_config_file(name: str) -> str:
 
 def _base_config(name: str) -> CfgNode:
     _, entry = _lookup(name)
-    cfg = get_cfg()
-    add_gfl_config(cfg)
-    cfg.merge_from_file(get_config_file(name))
-    cfg.merge_from_list(list(entry.opts))
-    return cfg
+    return load_config(get_config_file(name), entry.opts)
 
 
 def _sha256_prefix_ok(path: str, filename: str) -> bool:
