@@ -14,7 +14,7 @@ from ..data.register import check_datasets
 from .batch_scaling import scale_solver_to_batch
 from .trainer import Trainer
 
-__all__ = ["setup", "train_or_evaluate"]
+__all__ = ["setup", "evaluate", "train_or_evaluate"]
 
 
 def setup(args: argparse.Namespace) -> CfgNode:
@@ -32,13 +32,21 @@ def setup(args: argparse.Namespace) -> CfgNode:
     return cfg
 
 
+def evaluate(cfg: CfgNode, resume: bool = False, trainer_cls: type = Trainer) -> dict:
+    """The evaluation of ``MODEL.WEIGHTS`` (the last checkpoint of ``OUTPUT_DIR`` with ``resume``)
+    on ``DATASETS.TEST``, as after training: its EMA weights with
+    ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, also with TTA with ``TEST.AUG.ENABLED``;
+    detectron2's results dict."""
+    model, ema_state = trainer_cls.build_for_eval(cfg, resume=resume)
+    return trainer_cls.test_all(cfg, model, ema_state)
+
+
 def train_or_evaluate(cfg: CfgNode, args: argparse.Namespace, trainer_cls: type = Trainer):
     """With ``args.eval_only``: the evaluation of ``MODEL.WEIGHTS`` (or the last checkpoint with
     ``args.resume``; its EMA weights with ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``), returned as
     detectron2's results dict. Else training (resumed with ``args.resume``)."""
     if args.eval_only:
-        model, ema_state = trainer_cls.build_for_eval(cfg, resume=args.resume)
-        res = trainer_cls.test_all(cfg, model, ema_state)
+        res = evaluate(cfg, args.resume, trainer_cls)
         if comm.is_main_process():
             verify_results(cfg, res)
         return res

@@ -9,11 +9,10 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .coco_metrics import METRIC_KEYS
 from .precision_recall import best_f1_threshold, precision_recall
 
 __all__ = ["coco_ap", "evaluate_whole_images", "tree_whole_images"]
-
-METRIC_KEYS = ("AP", "AP50", "AP75")
 
 
 def tree_whole_images(split: str) -> Dict[str, object]:

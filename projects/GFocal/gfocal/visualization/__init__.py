@@ -1,4 +1,5 @@
-"""Drawings of detections."""
+"""Drawings of detections (over their ground truth) and of the edge distributions."""
+from .detections import draw_dataset_predictions, draw_detections
 from .distributions import draw_distributions
 
-__all__ = ["draw_distributions"]
+__all__ = ["draw_dataset_predictions", "draw_detections", "draw_distributions"]
