@@ -31,10 +31,10 @@ import gfocal
 from gfocal import model_zoo
 from gfocal.model_io.conversion import ConversionError, convert_mmdet_gfl_checkpoint
 from gfocal.data.annotations import check_num_classes
+from gfocal.data.formats import IMAGE_EXTENSIONS
 from gfocal.data.register import add_dataset_arguments, register_datasets_from_args
 from gfocal.inference.predictor import GFLPredictor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 WINDOW_NAME = "GFL detections"
 
 

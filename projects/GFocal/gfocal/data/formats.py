@@ -47,6 +47,7 @@ __all__ = [
 
 FORMATS = ("coco", "voc", "csv")
 CSV_COLUMNS = ("image_path", "xmin", "ymin", "xmax", "ymax", "label")
+# The image files the project reads (dataset images, tools/demo.py and tools/predict.py inputs).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 

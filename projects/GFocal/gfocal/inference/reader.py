@@ -11,12 +11,13 @@ import warnings
 
 import numpy as np
 
+from ..data.formats import IMAGE_EXTENSIONS  # the project's one list of image extensions
+
 __all__ = ["ImageReadError", "WindowReader", "open_image", "IMAGE_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
-RASTERIO_EXTENSIONS = (".tif", ".tiff")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp") + RASTERIO_EXTENSIONS
+RASTERIO_EXTENSIONS = (".tif", ".tiff")  # read window by window; the others decoded whole
 
 
 class ImageReadError(ValueError):
