@@ -8,6 +8,7 @@ import shlex
 from detectron2.engine import default_argument_parser
 
 from conftest import REPO_ROOT
+from gfocal.config import load_config
 from gfocal.data.augmentation import build_train_augmentation
 from gfocal.modeling.box_voting import DistributionVoting
 from gfocal.inference.test_time_augmentation import DatasetMapperTTA
@@ -31,7 +32,7 @@ def _commands():
 
 def test_doc_commands_parse_and_load():
     commands = _commands()
-    train_net = _load("train_net", "train_net.py")
+    _load("train_net", "train_net.py")  # the script loads
     ablation = _load("run_ablation", "tools/run_ablation.py")
     scripts = [c[1] for c in commands]
     assert scripts.count("train_net.py") >= 5 and "tools/run_ablation.py" in scripts
@@ -43,7 +44,7 @@ def test_doc_commands_parse_and_load():
         assert cmd[1] == "train_net.py", cmd
         args = default_argument_parser().parse_args(cmd[2:])
         args.config_file = os.path.join(REPO_ROOT, args.config_file)
-        cfg = train_net.load_config(args)  # every override names an existing key
+        cfg = load_config(args.config_file, args.opts)  # every override names an existing key
         build_train_augmentation(cfg)
         DatasetMapperTTA.from_config(cfg)
         DistributionVoting.from_config(cfg)
