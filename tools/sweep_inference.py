@@ -11,7 +11,6 @@ Prints a Markdown table and writes it with the numbers to ``<output-dir>/sweep_i
 import argparse
 import json
 import os
-import sys
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,18 +37,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> List[Dict[str, float]]:
     args = parse_args(argv)
-    from detectron2.config import get_cfg
-
-    from gfocal import add_gfl_config
-    from gfocal.model_io.checkpoint import GFLCheckpointer
+    from gfocal.config import load_config
     from gfocal.engine import Trainer
+    from gfocal.model_io.checkpoint import GFLCheckpointer
+    from gfocal.modeling import inference_thresholds
 
     if not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights: no file {args.weights}")
-    cfg = get_cfg()
-    add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.DATASETS.TEST = (args.choose_on, args.report_on)
     cfg.TEST.PRECISION_RECALL.ENABLED = True
     cfg.OUTPUT_DIR = args.output_dir
@@ -57,8 +52,8 @@ def main(argv=None) -> List[Dict[str, float]]:
     GFLCheckpointer(model, cfg.OUTPUT_DIR).load(args.weights)
     rows = []
     for nms in args.nms:
-        model.test_nms_thresh = nms
-        res = Trainer.test(cfg, model)
+        with inference_thresholds(model, nms_thresh=nms):
+            res = Trainer.test(cfg, model)
         choose, report = res[args.choose_on], res[args.report_on]
         rows.append({
             "nms": nms,
