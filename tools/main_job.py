@@ -56,25 +56,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="a border-cut box with less of its area inside the tile becomes iscrowd (ignored)",
     )
     p.add_argument("--num-draw", type=int, default=12, help="validation tiles to draw")
-    p.add_argument(
-        "--draw-score-thresh",
-        type=float,
-        default=None,
-        help="score of drawn boxes (default: the best-F1 threshold chosen on the training tiles)",
-    )
-    p.add_argument(
-        "--ap-tolerance",
-        type=float,
-        default=1e-6,
-        help="largest AP difference accepted between the training run and --eval-only",
-    )
-    p.add_argument(
-        "--whole-image-splits",
-        type=_splits,
-        default="train,val",
-        help="whole YELL images predicted tile by tile (gfocal.inference) and scored whole: "
-        "comma-separated train / val, or '' for none",
-    )
+    p.add_argument("--draw-score-thresh", type=float, default=None, help="score of drawn boxes "
+                   "(default: the best-F1 threshold chosen on the training tiles)")
+    p.add_argument("--ap-tolerance", type=float, default=1e-6, help="largest AP difference "
+                   "accepted between the training run and --eval-only")
+    p.add_argument("--whole-image-splits", type=_splits, default="train,val",
+                   help="whole YELL images predicted tile by tile (gfocal.inference) and scored "
+                   "whole: comma-separated train / val, or '' for none")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
 
