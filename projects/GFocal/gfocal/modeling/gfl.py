@@ -10,29 +10,21 @@ from torch.nn import functional as F
 from detectron2.config import configurable
 from detectron2.layers import batched_nms, cat
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.modeling.anchor_generator import DefaultAnchorGenerator
 from detectron2.modeling.backbone import Backbone
 from detectron2.modeling.meta_arch.dense_detector import DenseDetector, permute_to_N_HWA_K
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
-from ..config import check_gfl_config, check_size_divisibility
+from ..config import BOX_REPRESENTATIONS, check_gfl_config, check_size_divisibility
 from ..input_checks import check_model_images
+from .anchors import flatten_anchors, gfl_anchor_generator, in_stride_units
 from .atss import atss_assign, pad_gt_boxes
 from .box_voting import DistributionVoting, edge_variances
 from .head import GFLHead
 from .integral import Integral, boxes_to_distances, distances_to_boxes
+from .loss_variants import GFLLossConfig, Positives
+from .losses import DFL_TARGET_MARGIN, aligned_iou, all_reduce_mean, distribution_focal_loss, giou_loss
 from .uncertainty import distribution_uncertainty, edge_distributions
-from .losses import (
-    aligned_iou,
-    all_reduce_mean,
-    centerness_targets,
-    distribution_focal_loss,
-    giou_loss,
-    quality_focal_loss,
-    quality_focal_loss_on_log_scores,
-    sigmoid_focal_loss,
-)
 
 __all__ = ["GFL"]
 
@@ -44,9 +36,10 @@ class GFL(DenseDetector):
     """Generalized Focal Loss detector: ATSS assignment, a joint classification-IoU score trained
     by Quality Focal Loss and a general distribution per box edge trained by Distribution Focal
     Loss plus GIoU. The paper's ablations (Focal Loss, a separate quality branch, Dirac boxes,
-    no DFL) are switches of the same class; see :func:`gfocal.add_gfl_config`. With
-    ``quality="dgqp"`` it is GFLv2: the score is ``sigmoid(cls) x`` the quality predicted from the
-    edge distributions (:class:`~gfocal.modeling.dgqp.DGQP`), trained by QFL on that product.
+    no DFL) are switches of the same class; see :func:`gfocal.add_gfl_config` and
+    :mod:`gfocal.modeling.loss_variants`. With ``quality="dgqp"`` it is GFLv2: the score is
+    ``sigmoid(cls) x`` the quality predicted from the edge distributions
+    (:class:`~gfocal.modeling.dgqp.DGQP`), trained by QFL on that product.
     """
 
     @configurable
@@ -61,14 +54,8 @@ class GFL(DenseDetector):
         anchor_scale: float = 8.0,
         anchor_offset: float = 0.0,
         topk: int = 9,
-        cls_loss: str = "QFL",
-        quality: str = "joint",
         box_representation: str = "distribution",
-        use_dfl: bool = True,
-        qfl_beta: float = 2.0,
-        focal_loss_alpha: float = 0.25,
-        focal_loss_gamma: float = 2.0,
-        loss_weights: Optional[Dict[str, float]] = None,
+        loss: Optional[GFLLossConfig] = None,
         test_score_thresh: float = 0.05,
         test_topk_candidates: int = 1000,
         test_nms_thresh: float = 0.6,
@@ -83,7 +70,8 @@ class GFL(DenseDetector):
         """
         Args:
             backbone, head, head_in_features, pixel_mean, pixel_std: as in :class:`DenseDetector`.
-            loss_weights: weights of "loss_cls", "loss_box" (GIoU), "loss_dfl", "loss_quality".
+            box_representation: "distribution" (Eq. 5) or "dirac" (``MODEL.GFL.BOX_REPRESENTATION``).
+            loss: the loss variant and its settings (None: GFL's defaults, QFL + DFL + GIoU).
             box_voting: distribution voting after NMS (``MODEL.GFL.BOX_VOTING``), or None.
             Other arguments: the ``MODEL.GFL`` keys of the same name (see ``gfocal/config.py``).
         """
@@ -91,15 +79,10 @@ class GFL(DenseDetector):
         self.num_classes = num_classes
         self.reg_max = reg_max
         self.topk = topk
-        self.cls_loss = cls_loss
-        self.quality = quality
         self.box_representation = box_representation
-        self.use_dfl = use_dfl and box_representation == "distribution"
-        self.qfl_beta = qfl_beta
-        self.focal_loss_alpha = focal_loss_alpha
-        self.focal_loss_gamma = focal_loss_gamma
-        self.loss_weights = {"loss_cls": 1.0, "loss_box": 2.0, "loss_dfl": 0.25, "loss_quality": 1.0}
-        self.loss_weights.update(loss_weights or {})
+        self.loss = loss if loss is not None else GFLLossConfig()
+        self.use_dfl = self.loss.use_dfl and box_representation == "distribution"
+        _check_head_and_box_representation(head, self.loss, box_representation, reg_max)
         self.test_score_thresh = test_score_thresh
         self.test_topk_candidates = test_topk_candidates
         self.test_nms_thresh = test_nms_thresh
@@ -111,12 +94,7 @@ class GFL(DenseDetector):
 
         shapes = backbone.output_shape()
         self.strides = [shapes[f].stride for f in self.head_in_features]
-        self.anchor_generator = DefaultAnchorGenerator(
-            sizes=[[anchor_scale * s] for s in self.strides],
-            aspect_ratios=[1.0],
-            strides=self.strides,
-            offset=anchor_offset,
-        )
+        self.anchor_generator = gfl_anchor_generator(self.strides, anchor_scale, anchor_offset)
         self.integral = Integral(reg_max)
 
     @classmethod
@@ -142,19 +120,21 @@ class GFL(DenseDetector):
             "anchor_scale": gfl.ANCHOR_SCALE,
             "anchor_offset": gfl.ANCHOR_OFFSET,
             "topk": gfl.TOPK,
-            "cls_loss": gfl.CLS_LOSS,
-            "quality": gfl.QUALITY,
             "box_representation": gfl.BOX_REPRESENTATION,
-            "use_dfl": gfl.USE_DFL,
-            "qfl_beta": gfl.QFL_BETA,
-            "focal_loss_alpha": gfl.FOCAL_LOSS_ALPHA,
-            "focal_loss_gamma": gfl.FOCAL_LOSS_GAMMA,
-            "loss_weights": {
-                "loss_cls": gfl.LOSS_CLS_WEIGHT,
-                "loss_box": gfl.LOSS_BOX_WEIGHT,
-                "loss_dfl": gfl.LOSS_DFL_WEIGHT,
-                "loss_quality": gfl.LOSS_QUALITY_WEIGHT,
-            },
+            "loss": GFLLossConfig(
+                quality=gfl.QUALITY,
+                cls_loss=gfl.CLS_LOSS,
+                use_dfl=gfl.USE_DFL,
+                qfl_beta=gfl.QFL_BETA,
+                focal_loss_alpha=gfl.FOCAL_LOSS_ALPHA,
+                focal_loss_gamma=gfl.FOCAL_LOSS_GAMMA,
+                weights={
+                    "loss_cls": gfl.LOSS_CLS_WEIGHT,
+                    "loss_box": gfl.LOSS_BOX_WEIGHT,
+                    "loss_dfl": gfl.LOSS_DFL_WEIGHT,
+                    "loss_quality": gfl.LOSS_QUALITY_WEIGHT,
+                },
+            ),
             "test_score_thresh": gfl.SCORE_THRESH_TEST,
             "test_topk_candidates": gfl.TOPK_CANDIDATES_TEST,
             "test_nms_thresh": gfl.NMS_THRESH_TEST,
@@ -205,12 +185,7 @@ class GFL(DenseDetector):
         gt_instances: List[Instances],
     ) -> Dict[str, Tensor]:
         logits, box_logits, quality = self._flatten_predictions(predictions)
-        anchors = self.anchor_generator(features)
-        num_per_level = [len(a) for a in anchors]
-        anchors = Boxes.cat(anchors).tensor
-        strides = cat(
-            [anchors.new_full((n,), float(s)) for n, s in zip(num_per_level, self.strides)]
-        )
+        anchors, strides, num_per_level = flatten_anchors(self.anchor_generator(features), self.strides)
         gt_boxes, gt_valid = pad_gt_boxes([x.gt_boxes.tensor for x in gt_instances])
         gt_classes = torch.full(gt_valid.shape, -1, dtype=torch.long, device=gt_valid.device)
         for i, x in enumerate(gt_instances):
@@ -247,80 +222,67 @@ class GFL(DenseDetector):
             gt_boxes: (N, G, 4) padded GT boxes; gt_classes: (N, G).
 
         Classification is summed over all anchors and classes and divided by the number of
-        positives; GIoU and DFL of each positive are weighted (by the detached max class score
-        with the joint representation or DGQP, by the centerness target with a centerness branch,
-        else 1)
-        and divided by the sum of the weights. Both normalisers are averaged over workers.
+        positives; GIoU and DFL of each positive are weighted as ``self.loss.variant`` says
+        (:mod:`~gfocal.modeling.loss_variants`) and divided by the sum of the weights. Both
+        normalisers are averaged over workers.
         """
-        num_images = logits.shape[0]
-        pos_img, pos_anchor = torch.nonzero(matched >= 0, as_tuple=True)
-        pos_gt = matched[pos_img, pos_anchor]
-        num_pos = all_reduce_mean(logits.new_tensor(float(pos_img.numel()))).clamp(min=1.0)
-        get_event_storage().put_scalar("num_pos_anchors", pos_img.numel() / num_images)
+        variant = self.loss.variant
+        if quality is None and variant.head_quality is not None:
+            raise ValueError(f"quality={self.loss.quality!r}: the head returned no quality logits")
+        pos, pred_boxes, target_boxes, pos_box_logits = self._positives(
+            anchors, strides, box_logits, matched, gt_boxes, gt_classes
+        )
+        num_pos = all_reduce_mean(logits.new_tensor(float(len(pos.img)))).clamp(min=1.0)
+        storage = get_event_storage()
+        storage.put_scalar("num_pos_anchors", len(pos.img) / logits.shape[0])
+        if pos.ious.numel() > 0:
+            storage.put_scalar("pos_iou", pos.ious.mean().item())
 
-        # Box geometry of the positives, in units of their level's stride.
-        pos_strides = strides[pos_anchor, None]
-        pos_centers = (anchors[pos_anchor, :2] + anchors[pos_anchor, 2:]) / 2 / pos_strides
-        pos_targets = gt_boxes[pos_img, pos_gt] / pos_strides
-        pos_classes = gt_classes[pos_img, pos_gt]
-        pos_box_logits = box_logits[pos_img, pos_anchor]
-        pos_pred_boxes = distances_to_boxes(pos_centers, self.decode_distances(pos_box_logits))
-        pos_ious = aligned_iou(pos_pred_boxes.detach(), pos_targets)
-        if pos_ious.numel() > 0:
-            get_event_storage().put_scalar("pos_iou", pos_ious.mean().item())
-        target_distances = boxes_to_distances(pos_centers, pos_targets)
-        centerness = centerness_targets(target_distances) if self.quality == "centerness" else None
-
-        # Classification: QFL on the joint class-IoU target, or Focal Loss on one-hot labels.
-        cls_targets = torch.zeros_like(logits, dtype=torch.float32)
-        log_scores = None
-        if self.cls_loss == "QFL" and self.quality == "dgqp":
-            # GFLv2: QFL on the product score sigmoid(cls) x sigmoid(DGQP), taken through its log.
-            cls_targets[pos_img, pos_anchor, pos_classes] = pos_ious
-            log_scores = F.logsigmoid(logits.float()) + F.logsigmoid(quality.float())[..., None]
-            loss_cls = quality_focal_loss_on_log_scores(log_scores, cls_targets, self.qfl_beta).sum()
-        elif self.cls_loss == "QFL":
-            cls_targets[pos_img, pos_anchor, pos_classes] = pos_ious
-            loss_cls = quality_focal_loss(logits, cls_targets, self.qfl_beta).sum()
-        else:
-            cls_targets[pos_img, pos_anchor, pos_classes] = 1.0
-            loss_cls = sigmoid_focal_loss(
-                logits.float(),
-                cls_targets,
-                alpha=self.focal_loss_alpha,
-                gamma=self.focal_loss_gamma,
-                reduction="sum",
-            )
+        loss_cls, scores = variant.classification_loss(logits, quality, pos)
         losses = {"loss_cls": loss_cls / num_pos}
-
-        # Box: per-positive weights, normalised by their sum.
-        if self.quality == "joint":
-            weights = logits[pos_img, pos_anchor].detach().float().sigmoid().amax(dim=1)
-        elif self.quality == "dgqp":  # the detached final score
-            weights = log_scores[pos_img, pos_anchor].detach().amax(dim=1).exp()
-        elif self.quality == "centerness":
-            weights = centerness
-        else:
-            weights = torch.ones_like(pos_ious)
+        weights = variant.box_weights(pos, scores)
         weight_sum = all_reduce_mean(weights.sum()).clamp(min=1.0)
-        losses["loss_box"] = (giou_loss(pos_pred_boxes, pos_targets) * weights).sum() / weight_sum
+        losses["loss_box"] = (giou_loss(pred_boxes, target_boxes) * weights).sum() / weight_sum
         if self.use_dfl:
             dfl = distribution_focal_loss(
                 pos_box_logits.reshape(-1, self.reg_max + 1),
-                target_distances.clamp(min=0, max=self.reg_max - 0.1).reshape(-1),
+                pos.distances.clamp(min=0, max=self.reg_max - DFL_TARGET_MARGIN).reshape(-1),
             )
             losses["loss_dfl"] = (dfl.view(-1, 4).mean(dim=1) * weights).sum() / weight_sum
-
-        # Separate quality branch (ablations): BCE to the centerness target or to the IoU.
-        if quality is not None and self.quality in ("centerness", "iou"):
-            target = centerness if self.quality == "centerness" else pos_ious
+        target = variant.quality_target(pos)
+        if target is not None:  # a separate quality branch (the ablations): BCE
+            branch = quality[pos.img, pos.anchor].float()
             losses["loss_quality"] = (
-                F.binary_cross_entropy_with_logits(
-                    quality[pos_img, pos_anchor].float(), target, reduction="sum"
-                )
-                / num_pos
+                F.binary_cross_entropy_with_logits(branch, target, reduction="sum") / num_pos
             )
-        return {k: v * self.loss_weights[k] for k, v in losses.items()}
+        return {k: v * self.loss.weights[k] for k, v in losses.items()}
+
+    def _positives(
+        self,
+        anchors: Tensor,
+        strides: Tensor,
+        box_logits: Tensor,
+        matched: Tensor,
+        gt_boxes: Tensor,
+        gt_classes: Tensor,
+    ) -> Tuple[Positives, Tensor, Tensor, Tensor]:
+        """The positives, their decoded boxes and GT boxes (P, 4) in stride units, and their box
+        logits (P, box_dim)."""
+        pos_img, pos_anchor = torch.nonzero(matched >= 0, as_tuple=True)
+        pos_gt = matched[pos_img, pos_anchor]
+        centers, target_boxes = in_stride_units(
+            anchors[pos_anchor], strides[pos_anchor, None], gt_boxes[pos_img, pos_gt]
+        )
+        pos_box_logits = box_logits[pos_img, pos_anchor]
+        pred_boxes = distances_to_boxes(centers, self.decode_distances(pos_box_logits))
+        pos = Positives(
+            img=pos_img,
+            anchor=pos_anchor,
+            classes=gt_classes[pos_img, pos_gt],
+            ious=aligned_iou(pred_boxes.detach(), target_boxes),
+            distances=boxes_to_distances(centers, target_boxes),
+        )
+        return pos, pred_boxes, target_boxes, pos_box_logits
 
     # ------------------------------------------------------------------------------------------
     # Inference
@@ -422,3 +384,38 @@ class GFL(DenseDetector):
             result.pred_uncertainty = distribution_uncertainty(distributions)
         return result
 
+
+
+def _check_head_and_box_representation(
+    head: nn.Module, loss: GFLLossConfig, box_representation: str, reg_max: int
+) -> None:
+    """Refuse a box representation, or a :class:`GFLHead` whose outputs do not fit the loss
+    variant and ``reg_max`` (a LazyConfig sets the head's arguments apart from the model's)."""
+    if box_representation not in BOX_REPRESENTATIONS:
+        raise ValueError(
+            f"box_representation={box_representation!r} (MODEL.GFL.BOX_REPRESENTATION) is not "
+            f"one of {list(BOX_REPRESENTATIONS)}"
+        )
+    if loss.quality == "dgqp" and box_representation != "distribution":
+        raise ValueError(
+            "quality='dgqp' (MODEL.GFL.QUALITY) reads the edge distributions: it needs "
+            f"box_representation='distribution' (MODEL.GFL.BOX_REPRESENTATION), got {box_representation!r}"
+        )
+    if not isinstance(head, GFLHead):
+        return
+    outputs = "dgqp" if head.dgqp is not None else ("branch" if head.quality is not None else None)
+    if outputs != loss.variant.head_quality:
+        described = {"dgqp": "a DGQP (GFLHead(dgqp=DGQP(...)))",
+                     "branch": "a quality branch (GFLHead(with_quality_branch=True))",
+                     None: "no quality output (GFLHead(with_quality_branch=False, dgqp=None))"}
+        raise ValueError(
+            f"quality={loss.quality!r} (MODEL.GFL.QUALITY) needs a head with "
+            f"{described[loss.variant.head_quality]}; this head has {described[outputs]}"
+        )
+    box_dim = 4 * (reg_max + 1) if box_representation == "distribution" else 4
+    if head.box_pred.out_channels != box_dim:
+        raise ValueError(
+            f"GFLHead(box_dim={head.box_pred.out_channels}): box_representation="
+            f"{box_representation!r} with reg_max={reg_max} (MODEL.GFL.REG_MAX) needs box_dim "
+            f"{box_dim} ({'4 * (reg_max + 1)' if box_dim > 4 else '4 distances'})"
+        )

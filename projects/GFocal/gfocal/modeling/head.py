@@ -9,6 +9,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec, get_norm
 
 from .dgqp import DGQP
+from .loss_variants import QUALITY_VARIANTS
 
 __all__ = ["GFLHead", "Scale"]
 
@@ -98,13 +99,13 @@ class GFLHead(nn.Module):
             "input_shape": input_shape,
             "num_classes": gfl.NUM_CLASSES,
             "box_dim": 4 * (gfl.REG_MAX + 1) if distribution else 4,
-            "with_quality_branch": gfl.QUALITY in ("centerness", "iou"),
+            "with_quality_branch": QUALITY_VARIANTS[gfl.QUALITY].head_quality == "branch",
             "num_convs": gfl.NUM_CONVS,
             "conv_dim": gfl.CONV_DIM,
             "norm": gfl.NORM,
             "prior_prob": gfl.PRIOR_PROB,
             "dgqp": DGQP(gfl.REG_MAX, gfl.DGQP.TOPK, gfl.DGQP.CHANNELS, gfl.DGQP.ADD_MEAN)
-            if gfl.QUALITY == "dgqp"
+            if QUALITY_VARIANTS[gfl.QUALITY].head_quality == "dgqp"
             else None,
         }
 

@@ -18,7 +18,12 @@ __all__ = [
     "giou_loss",
     "centerness_targets",
     "all_reduce_mean",
+    "DFL_TARGET_MARGIN",
 ]
+
+# DFL targets are clamped to [0, reg_max - DFL_TARGET_MARGIN], so that the right bin floor(y) + 1
+# of every target exists (Eq. 7).
+DFL_TARGET_MARGIN = 0.1
 
 
 def quality_focal_loss(logits: Tensor, targets: Tensor, beta: float = 2.0) -> Tensor:
