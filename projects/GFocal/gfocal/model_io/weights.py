@@ -45,12 +45,15 @@ def load_evaluated_weights(
 ) -> str:
     """Load checkpoint ``path`` into ``model`` with :class:`GFLCheckpointer` (named errors), then,
     when :func:`evaluates_ema_weights`, copy its EMA averages in (a checkpoint without an
-    ``"ema_state"`` is refused, naming the key to change). Returns ``"ema"`` or ``"raw"``."""
+    ``"ema_state"`` is refused, naming the key to change). Returns ``"ema"`` or ``"raw"``, or
+    ``"init"`` for an empty ``path`` (nothing loaded: the model keeps its initial weights)."""
     from ..engine.hooks.ema import load_ema_for_eval
     from .checkpoint import GFLCheckpointer
 
     if head_mismatch is None:
         head_mismatch = cfg.MODEL.GFL.CHECKPOINT_HEAD_MISMATCH if hasattr(cfg, "MODEL") else "error"
+    if not path:
+        return "init"
     if not evaluates_ema_weights(cfg):
         GFLCheckpointer(model, head_mismatch=head_mismatch).load(path)
         return "raw"
