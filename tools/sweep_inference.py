@@ -41,8 +41,9 @@ def main(argv=None) -> List[Dict[str, float]]:
     from detectron2.config import get_cfg
 
     from gfocal import add_gfl_config
-    from gfocal.model_io.checkpoint import GFLCheckpointer
     from gfocal.engine import Trainer
+    from gfocal.model_io.weights import load_evaluated_weights
+    from gfocal.modeling.inference_thresholds import inference_thresholds
 
     if not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights: no file {args.weights}")
@@ -54,11 +55,11 @@ def main(argv=None) -> List[Dict[str, float]]:
     cfg.TEST.PRECISION_RECALL.ENABLED = True
     cfg.OUTPUT_DIR = args.output_dir
     model = Trainer.build_model(cfg)
-    GFLCheckpointer(model, cfg.OUTPUT_DIR).load(args.weights)
+    load_evaluated_weights(cfg, model, args.weights)  # the EMA weights where evaluation uses them
     rows = []
     for nms in args.nms:
-        model.test_nms_thresh = nms
-        res = Trainer.test(cfg, model)
+        with inference_thresholds(model, nms_thresh=nms):
+            res = Trainer.test(cfg, model)
         choose, report = res[args.choose_on], res[args.report_on]
         rows.append({
             "nms": nms,

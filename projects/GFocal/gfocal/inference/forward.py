@@ -54,8 +54,6 @@ def autocast(model: nn.Module, precision: str):
 @torch.no_grad()
 def run_detector(model: nn.Module, inputs: List[Dict], precision: str = "fp32") -> List[Dict]:
     """``model(inputs)`` (detectron2's list of input dicts in, ``[{"instances": ...}]`` out) in
-    ``precision``. The model must be in eval mode (:func:`prepare_model`)."""
-    if model.training:
-        raise ValueError("run_detector: the model is in training mode; call prepare_model(model)")
+    ``precision``. Predictors put the model in eval mode first (:func:`prepare_model`)."""
     with autocast(model, precision):
         return model(inputs)
