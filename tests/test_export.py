@@ -173,3 +173,36 @@ def test_export_tool_missing_sample_image(tmp_path):
     ]
     with pytest.raises(SystemExit, match="no such file"):
         _export_tool().main(argv)
+
+
+def test_export_tool_exports_the_evaluated_ema_weights(tmp_path):
+    """MODEL_EMA.ENABLED + USE_EMA_WEIGHTS_FOR_EVAL_ONLY: the exported model holds the EMA
+    averages, as evaluation and every predictor (gfocal/model_io/weights.py); else the raw ones."""
+    from detectron2.config import get_cfg
+
+    from gfocal import add_gfl_config
+    from gfocal.engine.hooks.ema import EMAState
+
+    argv = _tool_argv("torchscript", str(tmp_path / "ema"))
+    opts = argv[argv.index("MODEL.DEVICE"):]
+    cfg = get_cfg()
+    add_gfl_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO_ROOT, "configs", "gfl_R_50_FPN_1x.yaml"))
+    cfg.merge_from_list(opts)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    ema = EMAState().copy_from(model)
+    ema.state["head.cls_score.weight"] = ema.state["head.cls_score.weight"] + 0.5
+    path = str(tmp_path / "ckpt.pth")
+    torch.save({"model": model.state_dict(), "ema_state": ema.state_dict()}, path)
+    argv[argv.index("MODEL.WEIGHTS") + 1] = path
+    tool = _export_tool()
+    key = "model.head.cls_score.weight"
+    with_ema = tool.main(argv + ["MODEL_EMA.ENABLED", "True",
+                                 "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY", "True"])
+    exported = torch.jit.load(with_ema["path"]).state_dict()[key]
+    assert torch.equal(exported, ema.state["head.cls_score.weight"])
+    raw_argv = list(argv)
+    raw_argv[raw_argv.index("--output") + 1] = str(tmp_path / "raw")
+    raw = torch.jit.load(tool.main(raw_argv)["path"]).state_dict()[key]
+    assert torch.equal(raw, model.head.cls_score.weight.detach())

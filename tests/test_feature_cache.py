@@ -8,11 +8,12 @@ from gfocal.modeling.feature_cache import FeatureCache
 
 def lite(cache_mb=0, freeze_at=5):
     torch.manual_seed(0)
-    return EfficientNetLite(["c3", "c4", "c5"], freeze_at=freeze_at, feature_cache_mb=cache_mb).eval()
+    # Training mode: the cache serves the training loop only (in eval mode it is bypassed).
+    return EfficientNetLite(["c3", "c4", "c5"], freeze_at=freeze_at, feature_cache_mb=cache_mb).train()
 
 
 def test_cached_features_equal_computed_and_skip_the_backbone():
-    plain, cached = lite(), lite(cache_mb=100)
+    plain, cached = lite().eval(), lite(cache_mb=100)
     cached.load_state_dict(plain.state_dict())
     x = torch.randn(3, 3, 64, 64)
     want = plain(x)
@@ -68,7 +69,7 @@ def test_disk_cache_is_shared_by_processes_with_the_same_weights(tmp_path):
 
     second = EfficientNetLite(["c3", "c4", "c5"], freeze_at=5, feature_cache_mb=100, feature_cache_dir=str(tmp_path))
     second.load_state_dict(first.state_dict())
-    calls = _counting(second.eval())
+    calls = _counting(second.train())
     got = second(x)
     assert calls == [] and second.feature_cache.disk_hits == 2
     for k in want:
@@ -100,3 +101,36 @@ def test_disk_cache_is_shared_by_processes_with_the_same_weights(tmp_path):
 def test_cache_dir_without_cache_size_is_refused(tmp_path):
     with pytest.raises(ValueError, match="FEATURE_CACHE_DIR.*needs FEATURE_CACHE_MB > 0"):
         EfficientNetLite(["c3"], freeze_at=5, feature_cache_dir=str(tmp_path))
+
+
+def test_predictors_keep_no_features_of_the_images_they_see():
+    """The tree config caches features (FEATURE_CACHE_MB 2000) for its training loop; plain
+    DefaultPredictor(cfg), GFLPredictor and TiledPredictor with that config run in eval mode and
+    must not keep one entry per image (issue: RSS grew with every distinct image)."""
+    import numpy as np
+    from detectron2.engine import DefaultPredictor
+
+    from conftest import tiny_cfg
+    from gfocal.inference import TiledPredictor
+    from gfocal.inference.predictor import GFLPredictor
+
+    cfg = tiny_cfg("trees/gfl_lite0_trees.yaml", **{"MODEL.EFFICIENTNET_LITE.WEIGHTS": "",
+                                                     "MODEL_EMA.ENABLED": False})
+    assert cfg.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB > 0
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(4)]
+    for predictor in (DefaultPredictor(cfg), GFLPredictor(cfg)):
+        cache = predictor.model.backbone.bottom_up.feature_cache
+        assert cache is not None  # built, but bypassed outside training
+        for image in images:
+            predictor(image)
+        assert (len(cache), cache.num_bytes, cache.misses) == (0, 0, 0)
+    tiled = TiledPredictor(cfg, patch_size=96, overlap=32)
+    for image in images:
+        tiled(image)
+    cache = tiled.model.backbone.bottom_up.feature_cache
+    assert cache is None or len(cache) == 0
+    # The training loop still uses it.
+    backbone = predictor.model.backbone.bottom_up.train()
+    backbone(torch.zeros(2, 3, 64, 64))
+    assert len(backbone.feature_cache) == 1

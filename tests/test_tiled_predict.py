@@ -40,7 +40,7 @@ class SquareDetector(TiledPredictor):
         model.test_score_thresh = 0.0
         super().__init__(model=model, input_format="RGB", **kwargs)
 
-    def predict_tiles(self, tiles):
+    def detect_tiles(self, tiles):
         import cv2
 
         out = []
@@ -52,7 +52,7 @@ class SquareDetector(TiledPredictor):
             inst.scores = torch.tensor([a / 2500.0 for *_, a in stats[1:count]], dtype=torch.float32)
             inst.pred_classes = torch.zeros(len(boxes), dtype=torch.long)
             out.append(inst)
-        return out
+        return out, [False] * len(out)
 
 
 def _squares_image(squares, size=(700, 700)):

@@ -11,6 +11,8 @@ box decoding, class-wise NMS (``torchvision::nms``; ONNX ``NonMaxSuppression``) 
 top detections. The exported model takes one (3, H, W) float image in the config's
 ``INPUT.FORMAT`` (0-255, already resized as ``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST`` would) and
 returns ``boxes (K, 4), classes (K,), scores (K,)``. Height and width may differ from the sample's.
+The exported weights are the evaluated ones (``gfocal/model_io/weights.py``: the EMA averages
+with ``MODEL_EMA.ENABLED`` and ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, else the raw weights).
 After export, the exported model is run on the sample image and its detections are compared with
 eager PyTorch's (``--atol``); the command fails if they differ more.
 """
@@ -21,7 +23,6 @@ import os
 
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
@@ -30,6 +31,7 @@ from detectron2.utils.logger import setup_logger
 import gfocal  # noqa: F401  (registers GFL)
 from gfocal import load_config
 from gfocal.model_io.export import compare_detections, export_onnx, export_torchscript
+from gfocal.model_io.weights import load_evaluated_weights
 
 logger = logging.getLogger("gfocal.model_io.export")
 
@@ -102,7 +104,10 @@ def main(argv=None) -> dict:
     if cfg.MODEL.DEVICE != "cpu":
         logger.info("exporting on %s", cfg.MODEL.DEVICE)
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    # The evaluated weights (the EMA averages with MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY), as
+    # evaluation and every predictor: gfocal/model_io/weights.py.
+    which = load_evaluated_weights(cfg, model, cfg.MODEL.WEIGHTS)
+    logger.info("exporting the %s weights of %s", which, cfg.MODEL.WEIGHTS or "(none)")
     model.eval()
     image = sample_image(cfg, args).to(model.device)
 

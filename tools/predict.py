@@ -29,7 +29,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="tile side in pixels (default: the config's INPUT.MIN_SIZE_TEST)")
     p.add_argument("--overlap", type=int, default=None,
                    help="overlap of neighbouring tiles in pixels (default: a quarter of the patch)")
-    p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="tiles per forward pass (default: the device's, docs/whole_images.md)")
     p.add_argument("--max-dets", type=int, default=10000, help="detections kept per whole image")
     p.add_argument("--score-thresh", type=float, default=None,
                    help="lowest score predicted and written (default: MODEL.GFL.SCORE_THRESH_TEST)")
@@ -37,8 +38,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw-max-side", type=int, default=2048, help="longer side of the drawing")
     p.add_argument("--edge-margin", type=float, default=2.0,
                    help="seam rule: pixels within which a box touches a tile edge (-1: NMS only)")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--channels-last", action="store_true", help="NHWC weights and input")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                   help="bf16: autocast of backbone and head (default: the device's)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="NHWC weights and input (default: the device's)")
+    p.add_argument("--backend", default="torch",
+                   help="torch, onnxruntime or openvino (the ONNX export; no box voting)")
+    p.add_argument("--tile-max-dets", type=int, default=1000,
+                   help="detections kept per tile before the merge")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (sets MODEL.DEVICE)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
@@ -107,8 +114,9 @@ def main(argv=None) -> int:
             cfg, weights=args.weights, patch_size=args.patch_size, overlap=args.overlap,
             batch_size=args.batch_size, max_dets=args.max_dets, score_thresh=args.score_thresh,
             precision=args.precision, channels_last=args.channels_last, edge_margin=args.edge_margin,
+            backend=args.backend, tile_max_dets=args.tile_max_dets,
         )
-    except ValueError as e:
+    except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes") if cfg.DATASETS.TEST else None
     names = names or [str(i) for i in range(cfg.MODEL.GFL.NUM_CLASSES)]

@@ -39,8 +39,8 @@ def main(argv=None) -> List[Dict[str, float]]:
     args = parse_args(argv)
     from gfocal.config import load_config
     from gfocal.engine import Trainer
-    from gfocal.model_io.checkpoint import GFLCheckpointer
-    from gfocal.modeling import inference_thresholds
+    from gfocal.model_io.weights import load_evaluated_weights
+    from gfocal.modeling.inference_thresholds import inference_thresholds
 
     if not os.path.isfile(args.weights):
         raise FileNotFoundError(f"--weights: no file {args.weights}")
@@ -49,7 +49,7 @@ def main(argv=None) -> List[Dict[str, float]]:
     cfg.TEST.PRECISION_RECALL.ENABLED = True
     cfg.OUTPUT_DIR = args.output_dir
     model = Trainer.build_model(cfg)
-    GFLCheckpointer(model, cfg.OUTPUT_DIR).load(args.weights)
+    load_evaluated_weights(cfg, model, args.weights)  # the EMA weights where evaluation uses them
     rows = []
     for nms in args.nms:
         with inference_thresholds(model, nms_thresh=nms):

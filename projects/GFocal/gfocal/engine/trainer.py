@@ -16,6 +16,7 @@ from ..data.augmentation import build_train_augmentation
 from ..evaluation import PrecisionRecallEvaluator
 from ..inference.test_time_augmentation import GFLWithTTA
 from ..model_io.checkpoint import GFLCheckpointer
+from ..model_io.weights import evaluates_ema_weights
 from ..utils import has_detectron2_ops
 from .amp import cpu_amp_trainer
 from .hooks import EMAHook, NonFiniteLossGuard, build_ema_state, load_ema_for_eval
@@ -121,7 +122,7 @@ class Trainer(DefaultTrainer):
         checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
         path = checkpointer.get_checkpoint_file() if resume and checkpointer.has_checkpoint() \
             else cfg.MODEL.WEIGHTS
-        use_ema = cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY
+        use_ema = evaluates_ema_weights(cfg)  # the one rule (gfocal/model_io/weights.py)
         return model, load_ema_for_eval(checkpointer, path, use_ema)
 
     @classmethod

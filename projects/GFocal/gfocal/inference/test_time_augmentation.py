@@ -23,6 +23,7 @@ from detectron2.structures import Boxes, Instances
 
 from ..data.augmentation import TransposeTransform
 from ..modeling.box_fusion import weighted_box_fusion
+from .forward import check_precision, run_detector
 
 __all__ = ["DatasetMapperTTA", "GFLWithTTA", "dihedral_transforms", "MERGE_METHODS"]
 
@@ -82,13 +83,15 @@ class GFLWithTTA(nn.Module):
     """A dense detector with test-time augmentation: ``model(batched_inputs)`` as the wrapped
     model's, each image's detections merged from all its versions (:class:`DatasetMapperTTA`)."""
 
-    def __init__(self, cfg, model: nn.Module, tta_mapper=None, batch_size: int = 4):
+    def __init__(self, cfg, model: nn.Module, tta_mapper=None, batch_size: int = 4,
+                 precision: str = "fp32"):
         super().__init__()
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         self.model = model
         self.tta_mapper = tta_mapper or DatasetMapperTTA.from_config(cfg)
         self.batch_size = batch_size
+        self.precision = check_precision(precision, "precision")
         self.merge = cfg.TEST.AUG.MERGE
         if self.merge not in MERGE_METHODS:
             raise ValueError(f"TEST.AUG.MERGE={self.merge!r} is not one of {list(MERGE_METHODS)}")
@@ -105,12 +108,12 @@ class GFLWithTTA(nn.Module):
         by_shape: Dict[tuple, List[int]] = {}
         for i, x in enumerate(inputs):
             by_shape.setdefault(tuple(x["image"].shape), []).append(i)
-        with torch.no_grad():
-            for idxs in by_shape.values():
-                for k in range(0, len(idxs), self.batch_size):
-                    chunk = idxs[k : k + self.batch_size]
-                    for i, out in zip(chunk, self.model([inputs[i] for i in chunk])):
-                        outputs[i] = out["instances"]
+        for idxs in by_shape.values():
+            for k in range(0, len(idxs), self.batch_size):
+                chunk = idxs[k : k + self.batch_size]
+                found = run_detector(self.model, [inputs[i] for i in chunk], self.precision)
+                for i, out in zip(chunk, found):
+                    outputs[i] = out["instances"]
         return outputs
 
     def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:

@@ -1,5 +1,4 @@
 """Tiled prediction of whole images: several tiles per forward pass, one merge per image."""
-import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
@@ -11,20 +10,34 @@ from torch import Tensor
 
 from detectron2.config import configurable
 from detectron2.modeling import build_model
-from detectron2.modeling.postprocessing import detector_postprocess
 from detectron2.structures import Boxes, Instances
 
-from ..model_io.checkpoint import GFLCheckpointer
-from ..engine.hooks.ema import apply_checkpoint_ema
+from ..model_io.weights import load_evaluated_weights
+from ..modeling.inference_thresholds import inference_thresholds
 from ..tiling import check_tiling, tile_windows
+from .backends import build_backend
+from .forward import PRECISIONS, prepare_model
 from .merge import merge_detections
 from .reader import WindowReader, open_image
 
-__all__ = ["TiledPredictor", "TiledResult", "ArrayReader", "PRECISIONS"]
+__all__ = ["TiledPredictor", "TiledResult", "ArrayReader", "PRECISIONS", "DEVICE_DEFAULTS",
+           "TILE_MAX_DETS"]
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
+# Detections kept per tile before the merge. A whole image's tiles hold many more objects than
+# one test image of the training set (TEST.DETECTIONS_PER_IMAGE, 100 for COCO): a 400 px tile of
+# dense canopy holds a few hundred crowns. mmdetection's and detectron2's candidate count per
+# level (TOPK_CANDIDATES_TEST) is 1000.
+TILE_MAX_DETS = 1000
+
+# The defaults of batch size, precision and memory format per device type (None arguments).
+# Chosen from the table of ``benchmarks/tiled_predict.py --sections sweep`` (docs/whole_images.md);
+# CPU: one tile per forward in fp32 (batching 8 tiles halved the speed on a 2-core CPU).
+DEVICE_DEFAULTS = {
+    "cpu": {"batch_size": 1, "precision": "fp32", "channels_last": False},
+    "cuda": {"batch_size": 8, "precision": "bf16", "channels_last": True},
+}
 
 
 class ArrayReader(WindowReader):
@@ -48,7 +61,7 @@ class TiledResult:
     instances: Instances
     num_tiles: int
     capped: bool  # the --max-dets cap dropped detections
-    tiles_at_cap: int  # tiles whose detections reached the model's per-tile cap
+    tiles_at_cap: int  # tiles whose detections above the score threshold exceeded the per-tile cap
 
 
 class TiledPredictor:
@@ -59,10 +72,11 @@ class TiledPredictor:
     resolution), and their detections merged across seams by :func:`.merge.merge_detections`
     (the seam rule, then class-wise NMS at the model's ``test_nms_thresh``, then ``max_dets``).
 
-    ``precision="bf16"`` runs backbone and head under CPU/CUDA autocast in bfloat16; box decoding,
-    NMS and the merge stay in float32 (bfloat16 has 8 significant bits: pixel coordinates of a
-    large image would be off by several pixels). ``channels_last`` stores weights and input
-    NHWC, which oneDNN convolutions run faster on recent CPUs.
+    The model runs through the one forward path of :mod:`.forward` (``backend="torch"``:
+    ``precision="bf16"`` autocasts backbone and head, decoding, NMS and the merge stay float32;
+    ``channels_last`` stores weights NHWC) or through its ONNX export (``"onnxruntime"``,
+    ``"openvino"``: :mod:`.backends`). ``batch_size``, ``precision`` and ``channels_last`` left
+    None take the device type's :data:`DEVICE_DEFAULTS`.
     """
 
     @configurable
@@ -73,62 +87,79 @@ class TiledPredictor:
         input_format: str,
         patch_size: int,
         overlap: int,
-        batch_size: int = 4,
+        batch_size: Optional[int] = None,
         max_dets: int = 10000,
         score_thresh: Optional[float] = None,
-        precision: str = "fp32",
-        channels_last: bool = False,
+        precision: Optional[str] = None,
+        channels_last: Optional[bool] = None,
         edge_margin: float = 2.0,
+        tile_max_dets: int = TILE_MAX_DETS,
+        backend: str = "torch",
     ):
         """
         Args:
-            model: a detectron2 dense detector (``GFL``) in eval mode with its weights loaded.
+            model: a detectron2 dense detector (``GFL``) with its weights loaded.
             input_format: "RGB" or "BGR", the channel order the model takes.
             patch_size, overlap: the tiling grid in pixels (:func:`.grid.tile_windows`).
-            batch_size: tiles per forward pass.
+            batch_size: tiles per forward pass (None: the device's default).
             max_dets: detections kept per whole image after the merge.
             score_thresh: the model's ``test_score_thresh`` (None keeps the config's).
-            precision: "fp32" or "bf16" (autocast of backbone and head).
-            channels_last: NHWC weights and input.
+            precision: "fp32" or "bf16" (autocast of backbone and head; None: device default).
+            channels_last: NHWC weights and input (None: the device's default).
             edge_margin: pixels within which a box "touches" a tile edge (seam rule; < 0: off).
+            tile_max_dets: detections kept per tile before the merge (the model's
+                ``max_detections_per_image`` while the predictor runs it).
+            backend: "torch", "onnxruntime" or "openvino" (:mod:`.backends`).
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: the tiled predictor takes RGB or BGR")
+        device = getattr(model, "device", torch.device("cpu"))
+        defaults = DEVICE_DEFAULTS.get(getattr(device, "type", "cpu"), DEVICE_DEFAULTS["cpu"])
+        if backend != "torch":  # an exported graph runs in fp32 and picks its own layout
+            defaults = {**defaults, "precision": "fp32", "channels_last": False}
+        batch_size = defaults["batch_size"] if batch_size is None else batch_size
+        precision = defaults["precision"] if precision is None else precision
+        channels_last = defaults["channels_last"] if channels_last is None else channels_last
         if precision not in PRECISIONS:
             raise ValueError(f"--precision {precision!r} must be one of {PRECISIONS}")
         if batch_size < 1:
             raise ValueError(f"--batch-size {batch_size} must be >= 1")
         if max_dets < 1:
             raise ValueError(f"--max-dets {max_dets} must be >= 1")
+        if tile_max_dets < 1:
+            raise ValueError(f"--tile-max-dets {tile_max_dets} must be >= 1")
+        if score_thresh is not None and not 0.0 <= score_thresh <= 1.0:
+            raise ValueError(f"--score-thresh {score_thresh} must be in [0, 1]")
         strides = getattr(model, "strides", None) or [32]
         check_tiling(patch_size, overlap, max(strides))
         self.model = model.eval()
         self.input_format = input_format
         self.patch_size, self.overlap = int(patch_size), int(overlap)
         self.batch_size, self.max_dets = int(batch_size), int(max_dets)
+        self.tile_max_dets = int(tile_max_dets)
+        # The model's thresholds while this predictor runs it (its own API, restored after):
+        # one more than the per-tile cap, so that a tile that reaches it is known to be cut.
+        self._thresholds = {"max_detections": self.tile_max_dets + 1}
         if score_thresh is not None:
-            if not 0.0 <= score_thresh <= 1.0:
-                raise ValueError(f"--score-thresh {score_thresh} must be in [0, 1]")
-            self.model.test_score_thresh = float(score_thresh)
-        self.precision, self.channels_last = precision, channels_last
+            self._thresholds["score_thresh"] = float(score_thresh)
+        self.precision, self.channels_last = precision, bool(channels_last)
         self.edge_margin = float(edge_margin)
-        if channels_last:
-            self.model.to(memory_format=torch.channels_last)
+        self.backend_name = backend
+        self._backend = None
+        if hasattr(model, "test_score_thresh"):  # a detector (tests give stand-ins)
+            prepare_model(self.model, self.channels_last)
+            with self._model_thresholds():
+                self._backend = build_backend(backend, self.model, precision, self.channels_last,
+                                              (self.patch_size, self.patch_size))
 
     @classmethod
     def from_config(cls, cfg, weights: Optional[str] = None, **kwargs):
-        """Build the model of a yacs config (``MODEL.WEIGHTS`` or ``weights`` loaded); the patch
-        size defaults to the config's test size ``INPUT.MIN_SIZE_TEST``, the overlap to a quarter
-        of the patch. Other keyword arguments are passed through."""
-        cfg = cfg.clone()
-        cfg.defrost()
-        if cfg.MODEL.get("EFFICIENTNET_LITE") is not None:
-            # The training-time feature cache would keep every tile's features: off here.
-            cfg.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB = 0
-            cfg.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR = ""
+        """Build the model of a yacs config with its evaluated weights (``MODEL.WEIGHTS`` or
+        ``weights``: :func:`gfocal.model_io.weights.load_evaluated_weights`); the patch size
+        defaults to the config's test size ``INPUT.MIN_SIZE_TEST``, the overlap to a quarter of
+        the patch. Other keyword arguments are passed through."""
         model = build_model(cfg)
-        GFLCheckpointer(model).load(weights or cfg.MODEL.WEIGHTS)
-        apply_checkpoint_ema(cfg, model, weights or cfg.MODEL.WEIGHTS)  # MODEL_EMA: averaged weights
+        load_evaluated_weights(cfg, model, weights or cfg.MODEL.WEIGHTS)
         patch = kwargs.pop("patch_size", None) or int(cfg.INPUT.MIN_SIZE_TEST)
         overlap = kwargs.pop("overlap", None)
         return {
@@ -140,39 +171,35 @@ class TiledPredictor:
         }
 
     # ------------------------------------------------------------------------------------------
-    def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.model.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @property
+    def score_thresh(self) -> float:
+        """The score threshold the model runs with in this predictor."""
+        return self._thresholds.get("score_thresh", self.model.test_score_thresh)
 
-    @torch.no_grad()
-    def predict_tiles(self, tiles: Sequence[np.ndarray]) -> List[Instances]:
-        """One forward pass over a batch of (h, w, 3) uint8 RGB tiles; per tile its
-        :class:`Instances` in tile pixels (the model's own NMS and per-tile cap applied)."""
-        model = self.model
+    def _model_thresholds(self):
+        return inference_thresholds(self.model, **self._thresholds)
+
+    def _tile_inputs(self, tiles: Sequence[np.ndarray]) -> List[dict]:
         inputs = []
         for tile in tiles:
             if self.input_format == "BGR":
                 tile = tile[:, :, ::-1]
             image = torch.as_tensor(np.ascontiguousarray(tile.transpose(2, 0, 1)), dtype=torch.float32)
             inputs.append({"image": image, "height": tile.shape[0], "width": tile.shape[1]})
-        images = model.preprocess_image(inputs)
-        x = images.tensor
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with self._autocast():
-            features = model.backbone(x)
-            features = [features[f] for f in model.head_in_features]
-            predictions = model.head(features)
-        if self.precision != "fp32":
-            features = [f.float() for f in features]
-            predictions = tuple(
-                None if p is None else [t.float() for t in p] for p in predictions
-            )
-        results = model.forward_inference(images, features, predictions)
-        return [
-            detector_postprocess(r, inp["height"], inp["width"]) for r, inp in zip(results, inputs)
-        ]
+        return inputs
+
+    def detect_tiles(self, tiles: Sequence[np.ndarray]) -> Tuple[List[Instances], List[bool]]:
+        """One forward pass over a batch of (h, w, 3) uint8 RGB tiles: per tile its
+        :class:`Instances` in tile pixels (the model's NMS, at most ``tile_max_dets``), and
+        whether the cap cut detections that passed the score threshold."""
+        with self._model_thresholds():
+            found = self._backend(self._tile_inputs(tiles))
+        cut = [len(inst) > self.tile_max_dets for inst in found]
+        return [inst[: self.tile_max_dets] if c else inst for inst, c in zip(found, cut)], cut
+
+    def predict_tiles(self, tiles: Sequence[np.ndarray]) -> List[Instances]:
+        """:meth:`detect_tiles` without the cut flags (SAHI's model calls this)."""
+        return self.detect_tiles(tiles)[0]
 
     def _batches(self, reader: WindowReader, windows: np.ndarray) -> Iterator[Tuple[np.ndarray, List[np.ndarray]]]:
         for start in range(0, len(windows), self.batch_size):
@@ -199,17 +226,16 @@ class TiledPredictor:
             grid = tile_windows(image_hw, self.patch_size, self.overlap)
         else:
             grid = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
-        per_tile_cap = getattr(self.model, "max_detections_per_image", None)
         boxes, scores, classes, windows = [], [], [], []
         tiles_at_cap = 0
         for chunk, tiles in self._batches(reader, grid):
-            for window, inst in zip(chunk, self.predict_tiles(tiles)):
-                if per_tile_cap is not None and len(inst) >= per_tile_cap:
-                    tiles_at_cap += 1
+            found, cut = self.detect_tiles(tiles)
+            tiles_at_cap += sum(cut)
+            for window, inst in zip(chunk, found):
                 offset = torch.tensor([window[0], window[1]] * 2, dtype=torch.float32)
-                boxes.append(inst.pred_boxes.tensor.float() + offset)
-                scores.append(inst.scores.float())
-                classes.append(inst.pred_classes)
+                boxes.append(inst.pred_boxes.tensor.float().cpu() + offset)
+                scores.append(inst.scores.float().cpu())
+                classes.append(inst.pred_classes.cpu())
                 windows.append(torch.as_tensor(window, dtype=torch.float32).expand(len(inst), 4))
         grid_t = torch.as_tensor(grid, dtype=torch.float32)
         b, s, c, found = merge_detections(
@@ -225,9 +251,10 @@ class TiledPredictor:
             )
         if tiles_at_cap:
             warnings.warn(
-                f"{reader.path}: {tiles_at_cap} of {len(grid)} tiles reached the model's "
-                f"{per_tile_cap} detections per tile (TEST.DETECTIONS_PER_IMAGE): raise it or "
-                "use smaller patches", stacklevel=2
+                f"{reader.path}: in {tiles_at_cap} of {len(grid)} tiles the per-tile cap of "
+                f"{self.tile_max_dets} detections (--tile-max-dets) dropped detections above the "
+                f"score threshold {self.score_thresh:g}: raise it or use smaller patches",
+                stacklevel=2,
             )
         result = Instances(image_hw)
         result.pred_boxes = Boxes(b)

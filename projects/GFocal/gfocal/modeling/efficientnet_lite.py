@@ -221,7 +221,9 @@ class EfficientNetLite(Backbone):
                 p.requires_grad = False
 
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
-        if self.feature_cache is not None:
+        # The cache is a device of the cached training loop: in eval mode (evaluation, every
+        # predictor, export) each image's features are computed and nothing is kept.
+        if self.feature_cache is not None and self.training:
             if not self.feature_cache.fingerprint:  # weights are final by the first forward
                 self.feature_cache.fingerprint = self.weights_fingerprint()
             return self.feature_cache(x, self._forward)

@@ -293,6 +293,15 @@ class GFL(DenseDetector):
         features: List[Tensor],
         predictions: Tuple[List[Tensor], List[Tensor], Optional[List[Tensor]]],
     ) -> List[Instances]:
+        # Under autocast (bf16 inference, gfocal/inference/forward.py) backbone and head ran in
+        # bf16; scores, decoding, NMS and voting run in float32, outside the autocast region.
+        device = images.tensor.device.type
+        if not torch.jit.is_tracing() and torch.is_autocast_enabled(device):
+            predictions = tuple(
+                None if p is None else [t.float() for t in p] for p in predictions
+            )
+            with torch.autocast(device, enabled=False):
+                return self.forward_inference(images, features, predictions)
         logits, box_logits, quality = self._flatten_predictions(predictions)
         anchors = self.anchor_generator(features)
         results: List[Instances] = []

@@ -170,17 +170,15 @@ def load_ema_for_eval(checkpointer, path: str, use_ema_weights: bool) -> Optiona
 
 
 def apply_checkpoint_ema(cfg, model: nn.Module, path: str) -> bool:
-    """With ``MODEL_EMA.ENABLED`` and ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, copy the EMA weights of
-    checkpoint ``path`` into ``model`` (e.g. ``DefaultPredictor(cfg).model``, which loads the raw
-    ones) and return True; else leave it and return False."""
-    if not (cfg.MODEL_EMA.ENABLED and cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY):
-        return False
-    from ...model_io.checkpoint import GFLCheckpointer
+    """With ``MODEL_EMA.ENABLED`` and ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, load checkpoint ``path``
+    into ``model`` with its EMA weights (e.g. ``DefaultPredictor(cfg).model``, which loads the
+    raw ones) and return True; else leave it and return False. The rule lives in
+    :func:`gfocal.model_io.weights.load_evaluated_weights`."""
+    from ...model_io.weights import evaluates_ema_weights, load_evaluated_weights
 
-    ema_state = build_ema_state(cfg, model)
-    checkpointer = GFLCheckpointer(model, ema_state=ema_state)
-    load_ema_for_eval(checkpointer, path, True).apply_to(model)
-    return True
+    if not evaluates_ema_weights(cfg):
+        return False
+    return load_evaluated_weights(cfg, model, path) == "ema"
 
 
 class EMAHook(HookBase):

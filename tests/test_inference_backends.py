@@ -1,0 +1,75 @@
+"""Backends of the tiled predictor (gfocal/inference/backends.py): ONNX Runtime and OpenVINO on
+the ONNX export reproduce eager PyTorch's detections of the tree model in fp32 (>= 99% of the
+boxes matched at IoU 0.9, both ways), and bad choices get errors naming the flag."""
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_cfg
+
+from gfocal.inference import TiledPredictor
+from gfocal.inference.agreement import box_agreement
+
+
+@pytest.fixture(scope="module")
+def eager():
+    """The tree model (EfficientNet-Lite0 with its packaged ImageNet weights, P3-P5 head) with
+    head weights spread so that scores differ, without voting (not part of the export)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("trees/gfl_lite0_trees.yaml", **{
+        "MODEL_EMA.ENABLED": False, "MODEL.GFL.BOX_VOTING.ENABLED": False})
+    predictor = TiledPredictor(cfg, patch_size=256, overlap=64)
+    with torch.no_grad():
+        nn.init.normal_(predictor.model.head.cls_score.weight, std=0.05)
+        nn.init.constant_(predictor.model.head.cls_score.bias, -1.0)
+        nn.init.normal_(predictor.model.head.box_pred.weight, std=0.05)
+    return predictor
+
+
+@pytest.fixture(scope="module")
+def image():
+    noise = np.random.default_rng(0).integers(0, 255, (400, 480, 3), dtype=np.uint8)
+    return cv2.GaussianBlur(noise, (9, 9), 3)  # blobs: a spread of scores and box sizes
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_exported_backends_reproduce_eager(eager, image, backend):
+    ours = TiledPredictor(model=eager.model, input_format="RGB", patch_size=256, overlap=64,
+                          backend=backend)
+    want = eager(image).instances
+    got = ours(image).instances
+    assert len(want) > 50
+    assert box_agreement(want.pred_boxes.tensor, got.pred_boxes.tensor, iou=0.9) >= 0.99
+    assert box_agreement(got.pred_boxes.tensor, want.pred_boxes.tensor, iou=0.9) >= 0.99
+    assert abs(len(got) - len(want)) <= 0.01 * len(want)
+    # the per-tile cap and score threshold of the predictor are in the exported graph too
+    strict = TiledPredictor(model=eager.model, input_format="RGB", patch_size=256, overlap=64,
+                            backend=backend, score_thresh=0.7, tile_max_dets=5)
+    (tile,) = strict.predict_tiles([image[:256, :256]])
+    assert 0 < len(tile) <= 5 and (tile.scores > 0.7).all()
+    # a tile of another size (an image smaller than the patch) gets its own export
+    small = ours.predict_tiles([image[:200, :224]])[0]
+    ref = eager.predict_tiles([image[:200, :224]])[0]
+    assert box_agreement(ref.pred_boxes.tensor, small.pred_boxes.tensor, iou=0.9) >= 0.99
+
+
+def test_bad_backend_choices_name_the_flag(eager, monkeypatch):
+    model = eager.model
+    kw = dict(model=model, input_format="RGB", patch_size=256, overlap=64)
+    with pytest.raises(ValueError, match=r"--backend 'tensorrt' must be one of \('torch', 'onnxruntime', 'openvino'\)"):
+        TiledPredictor(**kw, backend="tensorrt")
+    with pytest.raises(ValueError, match="--precision 'bf16' is for --backend torch"):
+        TiledPredictor(**kw, backend="onnxruntime", precision="bf16")
+    with pytest.raises(ValueError, match="--channels-last is for --backend torch"):
+        TiledPredictor(**kw, backend="openvino", channels_last=True)
+    voting = tiny_cfg("trees/gfl_lite0_trees.yaml", **{"MODEL_EMA.ENABLED": False})
+    assert voting.MODEL.GFL.BOX_VOTING.ENABLED
+    with pytest.raises(ValueError, match="MODEL.GFL.BOX_VOTING.ENABLED=True.*--backend torch"):
+        TiledPredictor(voting, patch_size=256, overlap=64, backend="onnxruntime")
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"--backend openvino.*pip install openvino=="):
+        TiledPredictor(**kw, backend="openvino")
