@@ -18,7 +18,9 @@ from ..model_io.checkpoint import GFLCheckpointer
 from ..engine.hooks.ema import apply_checkpoint_ema
 from ..tiling import check_tiling, tile_windows
 from .merge import merge_detections
+from .nodata import NodataFilter, check_nodata_value
 from .reader import WindowReader, open_image
+from .tile_detections import TileDetections
 
 __all__ = ["TiledPredictor", "TiledResult", "ArrayReader", "PRECISIONS"]
 
@@ -49,6 +51,7 @@ class TiledResult:
     num_tiles: int
     capped: bool  # the --max-dets cap dropped detections
     tiles_at_cap: int  # tiles whose detections reached the model's per-tile cap
+    num_skipped: int = 0  # tiles not run: no valid pixel (nodata / alpha / mask)
 
 
 class TiledPredictor:
@@ -79,6 +82,8 @@ class TiledPredictor:
         precision: str = "fp32",
         channels_last: bool = False,
         edge_margin: float = 2.0,
+        skip_nodata: bool = True,
+        nodata: Optional[float] = None,
     ):
         """
         Args:
@@ -91,6 +96,9 @@ class TiledPredictor:
             precision: "fp32" or "bf16" (autocast of backbone and head).
             channels_last: NHWC weights and input.
             edge_margin: pixels within which a box "touches" a tile edge (seam rule; < 0: off).
+            skip_nodata: skip tiles with no valid pixel and drop boxes centred on nodata
+                (:mod:`.nodata`: the image's nodata value, alpha band or mask).
+            nodata: a pixel value (all bands) that also means "no data" (``--nodata``).
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: the tiled predictor takes RGB or BGR")
@@ -112,6 +120,10 @@ class TiledPredictor:
             self.model.test_score_thresh = float(score_thresh)
         self.precision, self.channels_last = precision, channels_last
         self.edge_margin = float(edge_margin)
+        self.skip_nodata, self.nodata = bool(skip_nodata), nodata
+        if nodata is not None and not skip_nodata:
+            raise ValueError("--nodata needs the nodata skip (drop --no-skip-nodata)")
+        check_nodata_value(nodata)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -193,29 +205,51 @@ class TiledPredictor:
             image = ArrayReader(image)
         return self._predict(image, windows)
 
-    def _predict(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> TiledResult:
-        image_hw = (reader.height, reader.width)
+    def grid(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> np.ndarray:
+        """(T, 4) int XYXY: the tiles of ``reader`` (or ``windows``, checked for shape)."""
         if windows is None:
-            grid = tile_windows(image_hw, self.patch_size, self.overlap)
-        else:
-            grid = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+            return tile_windows((reader.height, reader.width), self.patch_size, self.overlap)
+        return np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+
+    def _predict(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> TiledResult:
+        grid = self.grid(reader, windows)
+        return self.merge_tiles(reader, grid, self.detect_tiles(reader, grid))
+
+    def detect_tiles(
+        self, reader: WindowReader, grid: np.ndarray, ids: Optional[np.ndarray] = None
+    ) -> TileDetections:
+        """The detections of the tiles ``ids`` of ``grid`` (default: all), in image pixels, before
+        the merge; with ``skip_nodata``, tiles without data are not run and boxes centred on
+        nodata are dropped (:class:`.nodata.NodataFilter`)."""
+        ids = np.arange(len(grid)) if ids is None else np.asarray(ids, dtype=np.int64)
+        valid = NodataFilter(reader, self.nodata) if self.skip_nodata else None
+        run, partial = valid.select(grid, ids) if valid is not None else (ids, set())
         per_tile_cap = getattr(self.model, "max_detections_per_image", None)
         boxes, scores, classes, windows = [], [], [], []
         tiles_at_cap = 0
-        for chunk, tiles in self._batches(reader, grid):
+        tile_ids = iter(run.tolist())
+        for chunk, tiles in self._batches(reader, grid[run]):
             for window, inst in zip(chunk, self.predict_tiles(tiles)):
                 if per_tile_cap is not None and len(inst) >= per_tile_cap:
                     tiles_at_cap += 1
+                if next(tile_ids) in partial:
+                    inst = inst[valid.keep_boxes(window, inst.pred_boxes.tensor)]
                 offset = torch.tensor([window[0], window[1]] * 2, dtype=torch.float32)
-                boxes.append(inst.pred_boxes.tensor.float() + offset)
+                boxes.append(inst.pred_boxes.tensor.float().cpu() + offset)
                 scores.append(inst.scores.float())
                 classes.append(inst.pred_classes)
                 windows.append(torch.as_tensor(window, dtype=torch.float32).expand(len(inst), 4))
+        return TileDetections.from_tiles(boxes, scores, classes, windows, run.tolist(), num_run=len(run),
+                                         num_skipped=len(ids) - len(run), tiles_at_cap=tiles_at_cap)
+
+    def merge_tiles(self, reader: WindowReader, grid: np.ndarray, dets: TileDetections) -> TiledResult:
+        """The seam merge of the detections of all tiles of ``grid`` (:func:`.merge.merge_detections`)."""
+        image_hw = (reader.height, reader.width)
+        per_tile_cap = getattr(self.model, "max_detections_per_image", None)
         grid_t = torch.as_tensor(grid, dtype=torch.float32)
         b, s, c, found = merge_detections(
-            torch.cat(boxes).cpu(), torch.cat(scores).cpu(), torch.cat(classes).cpu(),
-            torch.cat(windows), grid_t, image_hw, self.model.test_nms_thresh,
-            self.max_dets, self.edge_margin,
+            dets.boxes, dets.scores, dets.classes, dets.windows, grid_t, image_hw,
+            self.model.test_nms_thresh, self.max_dets, self.edge_margin,
         )
         capped = found > self.max_dets
         if capped:
@@ -223,6 +257,7 @@ class TiledPredictor:
                 f"{reader.path}: {found} detections after the merge, kept the best "
                 f"{self.max_dets} (--max-dets)", stacklevel=2
             )
+        tiles_at_cap = dets.tiles_at_cap
         if tiles_at_cap:
             warnings.warn(
                 f"{reader.path}: {tiles_at_cap} of {len(grid)} tiles reached the model's "
@@ -233,4 +268,4 @@ class TiledPredictor:
         result.pred_boxes = Boxes(b)
         result.scores = s
         result.pred_classes = c
-        return TiledResult(result, len(grid), capped, tiles_at_cap)
+        return TiledResult(result, len(grid), capped, tiles_at_cap, dets.num_skipped)

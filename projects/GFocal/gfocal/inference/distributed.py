@@ -1,0 +1,117 @@
+"""Whole-image prediction in several processes, on one machine or several (torch.distributed).
+
+Every process walks the same list of images. The tiles of all images, numbered one after the
+other, are dealt out in turn (tile ``g`` to rank ``g % world_size``): a folder of small images
+is shared image by image, one large image tile by tile, and a nodata border (whole rows of
+skipped tiles) costs every rank alike. After each image the shares are gathered
+(``detectron2.utils.comm.all_gather``, over gloo also under NCCL), put back in tile order and
+merged by rank 0, which alone writes: the merge sees the tensors one process would have made.
+Launch through :func:`gfocal.engine.launch` (detectron2's ``launch``; CPU workers on gloo).
+"""
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+import detectron2.utils.comm as comm
+
+from .reader import ImageReadError, WindowReader, open_image
+from .tile_detections import TileDetections
+from .tiled import TiledPredictor, TiledResult
+
+__all__ = ["ImagePrediction", "check_num_devices", "cpu_threads_per_process", "predict_images",
+           "tile_share"]
+
+
+def check_num_devices(num_gpus: int, device: str) -> None:
+    """Refuse a ``--num-gpus`` that the device cannot serve (ValueError naming the flag): more
+    processes than CUDA devices present, a fixed ``cuda:K`` with several processes, or several
+    processes on a device other than CUDA or CPU. On CPU, ``--num-gpus`` counts processes."""
+    if num_gpus < 1:
+        raise ValueError(f"--num-gpus {num_gpus} must be >= 1")
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        present = torch.cuda.device_count()
+        if num_gpus > present:
+            raise ValueError(
+                f"--num-gpus {num_gpus} is greater than the {present} CUDA device"
+                f"{'' if present == 1 else 's'} present (MODEL.DEVICE {device}); pass --num-gpus "
+                f"{max(present, 1)}{'' if present else ' with --device cpu'}"
+            )
+        if ":" in device and num_gpus > 1:
+            raise ValueError(f"--device {device} fixes one GPU: with --num-gpus {num_gpus} pass "
+                             "--device cuda (each process takes the GPU of its local rank)")
+    elif kind != "cpu" and num_gpus > 1:
+        raise ValueError(f"--num-gpus {num_gpus}: several processes run on cuda or cpu, not {device}")
+
+
+def cpu_threads_per_process(num_local_processes: int) -> int:
+    """Torch threads of each of ``num_local_processes`` CPU workers: the machine's cores shared
+    out (``OMP_NUM_THREADS`` wins when set), so that the workers do not oversubscribe them."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, num_local_processes))
+
+
+def tile_share(num_tiles: int, offset: int, rank: int, world_size: int) -> np.ndarray:
+    """The tiles of one image that ``rank`` runs: tile ``t`` of an image whose first tile is
+    number ``offset`` of the whole run goes to rank ``(offset + t) % world_size``."""
+    return np.flatnonzero((offset + np.arange(num_tiles)) % world_size == rank)
+
+
+@dataclass
+class ImagePrediction:
+    """One image of :func:`predict_images`: on rank 0 its open ``reader`` and merged ``result``,
+    or the ``error`` that made it skipped; on other ranks ``result`` is None."""
+
+    path: str
+    reader: Optional[WindowReader] = None
+    result: Optional[TiledResult] = None
+    error: Optional[str] = None
+
+
+def _check_same_inputs(paths: Sequence[str]) -> None:
+    lists = comm.all_gather(list(paths))
+    if any(other != lists[0] for other in lists[1:]):
+        raise ValueError("the processes (machines) see different input lists: give every machine "
+                         "the same inputs, at the same paths (a shared file system)")
+
+
+def predict_images(
+    predictor: TiledPredictor, paths: Sequence[str], skip_unreadable: bool = False
+) -> Iterator[ImagePrediction]:
+    """Predict ``paths`` in order, shared among the processes of ``torch.distributed`` (one
+    process: all of it). Every rank must consume the iterator to the end (each image is a
+    collective step). An image that fails to read on any rank raises :class:`ImageReadError` on
+    every rank, or with ``skip_unreadable`` comes out with its ``error`` and is left out."""
+    rank, world = comm.get_rank(), comm.get_world_size()
+    _check_same_inputs(paths)
+    offset = 0
+    for path in paths:
+        reader, grid, dets, error = None, None, None, None
+        try:
+            reader = open_image(path)
+            grid = predictor.grid(reader)
+            dets = predictor.detect_tiles(reader, grid, tile_share(len(grid), offset, rank, world))
+        except ImageReadError as e:
+            error = str(e)
+        gathered = comm.all_gather((dets, error))
+        errors = [e for _, e in gathered if e is not None]
+        try:
+            if errors:
+                if not skip_unreadable:
+                    raise ImageReadError(errors[0])
+                yield ImagePrediction(path, error=errors[0])
+                continue
+            offset += len(grid)
+            result = None
+            if rank == 0:
+                parts: List[TileDetections] = [d for d, _ in gathered]
+                result = predictor.merge_tiles(reader, grid, TileDetections.cat(parts))
+            yield ImagePrediction(path, reader, result)
+        finally:
+            if reader is not None:
+                reader.close()
