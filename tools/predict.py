@@ -184,8 +184,10 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
     rows, coco, images = [], [], []
     ids = {path: i for i, path in enumerate(paths, start=1)}
     start = time.perf_counter()
+    tiles_run = 0
     try:
         for item in predict_images(predictor, paths, args.skip_unreadable):
+            tiles_run += item.tiles_run
             if item.error is not None:
                 skipped.append((item.path, item.error))
             if item.result is None:  # skipped, or not rank 0
@@ -218,6 +220,8 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
             start = time.perf_counter()
     except ImageReadError as e:
         raise SystemExit(f"error: {e}")
+    if comm.get_world_size() > 1:
+        print(f"rank {comm.get_rank()} of {comm.get_world_size()}: ran {tiles_run} tiles", flush=True)
     if not main_process:
         return
     writers.write_coco_results(os.path.join(args.output, "coco_results.json"), coco)

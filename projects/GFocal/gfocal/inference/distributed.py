@@ -1,9 +1,10 @@
 """Whole-image prediction in several processes, on one machine or several (torch.distributed).
 
-Every process walks the same list of images. The tiles of all images, numbered one after the
-other, are dealt out in turn (tile ``g`` to rank ``g % world_size``): a folder of small images
-is shared image by image, one large image tile by tile, and a nodata border (whole rows of
-skipped tiles) costs every rank alike. After each image the shares are gathered
+Every process walks the same list of images. Per image, each rank reads the masks of every
+``world_size``-th tile, and the tiles found to hold data, numbered one after the other over all
+images, are dealt out in turn (tile ``g`` to rank ``g % world_size``): a folder of small images
+is shared image by image, one large image tile by tile, and the ranks run equal shares whatever
+the nodata layout. After each image the shares are gathered
 (``detectron2.utils.comm.all_gather``, over gloo also under NCCL), put back in tile order and
 merged by rank 0, which alone writes: the merge sees the tensors one process would have made.
 Launch through :func:`gfocal.engine.launch` (detectron2's ``launch``; CPU workers on gloo).
@@ -17,6 +18,7 @@ import torch
 
 import detectron2.utils.comm as comm
 
+from .nodata import NodataFilter
 from .reader import ImageReadError, WindowReader, open_image
 from .tile_detections import TileDetections
 from .tiled import TiledPredictor, TiledResult
@@ -65,12 +67,14 @@ def tile_share(num_tiles: int, offset: int, rank: int, world_size: int) -> np.nd
 @dataclass
 class ImagePrediction:
     """One image of :func:`predict_images`: on rank 0 its open ``reader`` and merged ``result``,
-    or the ``error`` that made it skipped; on other ranks ``result`` is None."""
+    or the ``error`` that made it skipped; on other ranks ``result`` is None. ``tiles_run``: the
+    tiles this rank ran."""
 
     path: str
     reader: Optional[WindowReader] = None
     result: Optional[TiledResult] = None
     error: Optional[str] = None
+    tiles_run: int = 0
 
 
 def _check_same_inputs(paths: Sequence[str]) -> None:
@@ -80,38 +84,59 @@ def _check_same_inputs(paths: Sequence[str]) -> None:
                          "the same inputs, at the same paths (a shared file system)")
 
 
+def _select(predictor: TiledPredictor, reader: WindowReader, grid: np.ndarray, ids: np.ndarray):
+    """The tiles of ``ids`` with data and those of them that also hold nodata."""
+    if not predictor.skip_nodata:
+        return ids, set()
+    return NodataFilter(reader, predictor.nodata).select(grid, ids)
+
+
 def predict_images(
     predictor: TiledPredictor, paths: Sequence[str], skip_unreadable: bool = False
 ) -> Iterator[ImagePrediction]:
     """Predict ``paths`` in order, shared among the processes of ``torch.distributed`` (one
-    process: all of it). Every rank must consume the iterator to the end (each image is a
-    collective step). An image that fails to read on any rank raises :class:`ImageReadError` on
-    every rank, or with ``skip_unreadable`` comes out with its ``error`` and is left out."""
+    process: all of it). Per image, the ranks first read the masks of a share of its tiles each
+    (:class:`.nodata.NodataFilter`), then deal out the tiles with data: the work is shared
+    evenly, whatever the nodata layout. Every rank must consume the iterator to the end (each
+    image is a collective step). An image that fails to read on any rank raises
+    :class:`ImageReadError` on every rank, or with ``skip_unreadable`` comes out with its
+    ``error`` and is left out."""
     rank, world = comm.get_rank(), comm.get_world_size()
     _check_same_inputs(paths)
-    offset = 0
+    offset = 0  # tiles with data dealt out so far
     for path in paths:
-        reader, grid, dets, error = None, None, None, None
+        reader, error, selected, dets = None, None, (np.zeros(0, dtype=np.int64), set()), None
         try:
-            reader = open_image(path)
-            grid = predictor.grid(reader)
-            dets = predictor.detect_tiles(reader, grid, tile_share(len(grid), offset, rank, world))
-        except ImageReadError as e:
-            error = str(e)
-        gathered = comm.all_gather((dets, error))
-        errors = [e for _, e in gathered if e is not None]
-        try:
-            if errors:
+            try:
+                reader = open_image(path)
+                grid = predictor.grid(reader)
+                selected = _select(predictor, reader, grid, tile_share(len(grid), 0, rank, world))
+            except ImageReadError as e:
+                error = str(e)
+            gathered = comm.all_gather((selected, error))
+            error = next((e for _, e in gathered if e is not None), None)
+            if error is None:
+                run = np.sort(np.concatenate([r for (r, _), _ in gathered]))
+                partial = set().union(*(p for (_, p), _ in gathered))
+                mine = run[tile_share(len(run), offset, rank, world)]
+                try:
+                    dets = predictor.detect_tiles(reader, grid, mine, partial & set(mine.tolist()))
+                except ImageReadError as e:
+                    error = str(e)
+                gathered = comm.all_gather((dets, error))
+                error = next((e for _, e in gathered if e is not None), None)
+            if error is not None:
                 if not skip_unreadable:
-                    raise ImageReadError(errors[0])
-                yield ImagePrediction(path, error=errors[0])
+                    raise ImageReadError(error)
+                yield ImagePrediction(path, error=error)
                 continue
-            offset += len(grid)
+            offset += len(run)
             result = None
             if rank == 0:
-                parts: List[TileDetections] = [d for d, _ in gathered]
-                result = predictor.merge_tiles(reader, grid, TileDetections.cat(parts))
-            yield ImagePrediction(path, reader, result)
+                merged = TileDetections.cat([d for d, _ in gathered])
+                merged.num_skipped = len(grid) - len(run)
+                result = predictor.merge_tiles(reader, grid, merged)
+            yield ImagePrediction(path, reader, result, tiles_run=dets.num_run)
         finally:
             if reader is not None:
                 reader.close()

@@ -3,7 +3,7 @@ import contextlib
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -216,14 +216,20 @@ class TiledPredictor:
         return self.merge_tiles(reader, grid, self.detect_tiles(reader, grid))
 
     def detect_tiles(
-        self, reader: WindowReader, grid: np.ndarray, ids: Optional[np.ndarray] = None
+        self, reader: WindowReader, grid: np.ndarray, ids: Optional[np.ndarray] = None,
+        partial: Optional[Set[int]] = None,
     ) -> TileDetections:
         """The detections of the tiles ``ids`` of ``grid`` (default: all), in image pixels, before
         the merge; with ``skip_nodata``, tiles without data are not run and boxes centred on
-        nodata are dropped (:class:`.nodata.NodataFilter`)."""
+        nodata are dropped (:class:`.nodata.NodataFilter`). With ``partial`` given, ``ids`` are
+        tiles already known to hold data and ``partial`` those that also hold nodata (the
+        selection :mod:`.distributed` makes before sharing the tiles out)."""
         ids = np.arange(len(grid)) if ids is None else np.asarray(ids, dtype=np.int64)
         valid = NodataFilter(reader, self.nodata) if self.skip_nodata else None
-        run, partial = valid.select(grid, ids) if valid is not None else (ids, set())
+        if partial is not None:
+            run = ids
+        else:
+            run, partial = valid.select(grid, ids) if valid is not None else (ids, set())
         per_tile_cap = getattr(self.model, "max_detections_per_image", None)
         boxes, scores, classes, windows = [], [], [], []
         tiles_at_cap = 0
