@@ -227,7 +227,19 @@ def test_cli_bad_nodata_bad_device_count_and_unreadable_files(tmp_path):
     with pytest.raises(SystemExit, match="--num-gpus 0 must be >= 1"):
         predict(base + ["--output", str(tmp_path / "o3"), "--num-gpus", "0", good])
 
-    # A folder with a corrupt file: refused whole by default, skipped and listed on request.
+    # A TIFF cut in half: it opens, and fails on its missing blocks in the middle of prediction.
+    full = str(tmp_path / "full.tif")
+    with rasterio.open(full, "w", driver="GTiff", width=512, height=256, count=3, dtype="uint8", tiled=True,
+                       blockxsize=256, blockysize=256, crs="EPSG:32612",
+                       transform=from_origin(541000, 4977000, 0.1, 0.1)) as dst:
+        dst.write(np.random.default_rng(1).integers(0, 255, (3, 256, 512), dtype=np.uint8))
+    data = open(full, "rb").read()
+    (images / "cut.tif").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match=r"cut.tif: window \(\d+, \d+, \d+, \d+\) cannot be read"):
+        predict(base + ["--output", str(tmp_path / "o5"), str(images)])
+    assert not (tmp_path / "o5" / "detections.csv").exists()
+
+    # A folder with a corrupt file too: refused whole by default, both skipped and listed on request.
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
     out = tmp_path / "out"
     with pytest.raises(SystemExit, match="broken.png: cannot be decoded as an image"):
@@ -235,9 +247,9 @@ def test_cli_bad_nodata_bad_device_count_and_unreadable_files(tmp_path):
     assert not out.exists()
     assert predict(base + ["--output", str(out), "--skip-unreadable", str(images)]) == 0
     with open(out / "skipped_inputs.csv") as f:
-        skipped = list(csv.DictReader(f))
-    assert [os.path.basename(r["path"]) for r in skipped] == ["broken.png"]
-    assert "cannot be decoded as an image" in skipped[0]["error"]
+        skipped = {os.path.basename(r["path"]): r["error"] for r in csv.DictReader(f)}
+    assert sorted(skipped) == ["broken.png", "cut.tif"]
+    assert "cannot be decoded as an image" in skipped["broken.png"] and "cannot be read" in skipped["cut.tif"]
     with open(out / "detections.csv") as f:
         assert {r["image_path"] for r in csv.DictReader(f)} == {"good.tif"}
     with pytest.raises(SystemExit, match="none of the 1 inputs can be read"):
