@@ -13,7 +13,6 @@ from conftest import REPO_ROOT, tiny_cfg
 
 from gfocal.inference import ArrayReader, TiledPredictor, open_image, tile_windows
 from gfocal.inference.nodata import NodataFilter, box_centres_valid, check_nodata_value
-from gfocal.inference.reader import ImageReadError
 
 rasterio = pytest.importorskip("rasterio")  # pinned in requirements.txt: present in CI
 from rasterio.enums import ColorInterp  # noqa: E402

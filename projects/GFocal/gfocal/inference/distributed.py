@@ -11,7 +11,7 @@ Launch through :func:`gfocal.engine.launch` (detectron2's ``launch``; CPU worker
 """
 import os
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
