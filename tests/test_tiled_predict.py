@@ -40,7 +40,7 @@ class SquareDetector(TiledPredictor):
         model.test_score_thresh = 0.0
         super().__init__(model=model, input_format="RGB", **kwargs)
 
-    def detect_tiles(self, tiles):
+    def run_tiles(self, tiles):
         import cv2
 
         out = []

@@ -7,6 +7,11 @@
 Writes into --output: detections.csv (deepforest's columns image_path,xmin,ymin,xmax,ymax,label
 plus score), coco_results.json with coco_images.json (the image ids), <image>.geojson (polygons in
 the image's CRS, for geo-referenced input) and <image>_drawing.png (downscaled when large).
+
+Tiles without data (nodata value, alpha band, internal mask; --nodata VALUE) are skipped and boxes
+centred on nodata dropped. --num-gpus N [--num-machines M --machine-rank R --dist-url tcp://H:P]
+shares images and tiles among N processes per machine (CPU: gloo; CUDA: one GPU each); rank 0
+merges and writes. --skip-unreadable leaves out unreadable inputs, listed in skipped_inputs.csv.
 """
 import argparse
 import glob
@@ -48,6 +53,19 @@ def get_parser() -> argparse.ArgumentParser:
                    help="detections kept per tile before the merge")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (sets MODEL.DEVICE)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
+    p.add_argument("--skip-nodata", action=argparse.BooleanOptionalAction, default=True,
+                   help="skip tiles without data and drop boxes centred on nodata (the image's "
+                   "nodata value, alpha band or mask)")
+    p.add_argument("--nodata", type=float, default=None,
+                   help="a pixel value (all bands) that also means no data, e.g. 0 for black borders")
+    p.add_argument("--skip-unreadable", action="store_true",
+                   help="leave out unreadable inputs (listed in skipped_inputs.csv) instead of refusing the run")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes per machine: one per GPU (CUDA), or CPU processes with --device cpu")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0, help="this machine's rank, 0 to --num-machines - 1")
+    p.add_argument("--dist-url", default="auto",
+                   help="tcp://HOST:PORT of machine 0 (auto: a free local port; one machine only)")
     p.add_argument("--opts", nargs="*", default=[], metavar="KEY VALUE",
                    help="config overrides, e.g. --opts MODEL.GFL.NMS_THRESH_TEST 0.5")
     return p
@@ -71,18 +89,19 @@ def expand_inputs(items: List[str]) -> List[str]:
     return paths
 
 
-def output_names(paths: List[str]) -> List[str]:
+def output_names(paths: List[str], skip_unreadable: bool = False) -> List[str]:
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(set(stems)) != len(stems):
         raise SystemExit("error: two inputs have the same file name stem; their outputs would collide")
     return (["detections.csv", "coco_results.json", "coco_images.json"]
+            + (["skipped_inputs.csv"] if skip_unreadable else [])
             + [s + ".geojson" for s in stems] + [s + "_drawing.png" for s in stems])
 
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     paths = expand_inputs(args.inputs)
-    taken = [n for n in output_names(paths) if os.path.exists(os.path.join(args.output, n))]
+    taken = [n for n in output_names(paths, args.skip_unreadable) if os.path.exists(os.path.join(args.output, n))]
     if taken and not args.overwrite:
         raise SystemExit(f"error: --output {args.output} already holds results ({', '.join(taken[:3])}"
                          f"{', ...' if len(taken) > 3 else ''}); pass --overwrite to replace them")
@@ -92,76 +111,139 @@ def main(argv=None) -> int:
         raise SystemExit(f"error: --weights {args.weights}: no such file")
     if args.patch_size is not None and args.overlap is not None and not 0 <= args.overlap < args.patch_size:
         raise SystemExit(f"error: --overlap {args.overlap} must be in [0, --patch-size {args.patch_size})")
+    if args.nodata is not None and not args.skip_nodata:
+        raise SystemExit(f"error: --nodata {args.nodata:g} needs the nodata skip: drop --no-skip-nodata")
+    if not 0 <= args.machine_rank < args.num_machines:
+        raise SystemExit(f"error: --machine-rank {args.machine_rank} must be in [0, --num-machines {args.num_machines})")
 
     from gfocal.inference import ImageReadError, open_image
+    from gfocal.inference.nodata import check_image_nodata
 
+    skipped = []
     for path in paths:  # fail before building the model (and before writing anything)
         try:
-            open_image(path).close()
+            with open_image(path) as reader:
+                check_image_nodata(reader, args.nodata)
         except ImageReadError as e:
+            if not args.skip_unreadable:
+                raise SystemExit(f"error: {e}")
+            skipped.append((path, str(e)))
+        except ValueError as e:  # --nodata outside the band type
             raise SystemExit(f"error: {e}")
+    paths = [p for p in paths if p not in {s for s, _ in skipped}]
+    if not paths:
+        raise SystemExit(f"error: none of the {len(skipped)} inputs can be read (--skip-unreadable)")
 
-    from detectron2.data import MetadataCatalog
 
     import gfocal
-    from gfocal.inference import TiledPredictor, writers
+    from gfocal.engine import launch
+    from gfocal.inference.distributed import check_num_devices
 
     cfg = gfocal.load_config(args.config_file, args.opts)
     if args.device:
         cfg.MODEL.DEVICE = args.device
+    try:
+        check_num_devices(args.num_gpus, cfg.MODEL.DEVICE)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    import torch.multiprocessing as mp
+
+    try:
+        launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args, cfg, paths, skipped), device=cfg.MODEL.DEVICE)
+    except (mp.ProcessExitedException, mp.ProcessRaisedException) as e:
+        raise SystemExit(f"error: a prediction process failed (its message is above): {e}")
+    return 0
+
+
+def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
+    """One process of the run (all of it with --num-gpus 1): its share of the tiles; rank 0
+    merges and writes."""
+    import torch
+
+    import detectron2.utils.comm as comm
+    from detectron2.data import MetadataCatalog
+
+    from gfocal.inference import ImageReadError, TiledPredictor, writers
+    from gfocal.inference.distributed import cpu_threads_per_process, predict_images
+
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_world_size() > 1:
+        torch.set_num_threads(cpu_threads_per_process(args.num_gpus))
     try:
         predictor = TiledPredictor(
             cfg, weights=args.weights, patch_size=args.patch_size, overlap=args.overlap,
             batch_size=args.batch_size, max_dets=args.max_dets, score_thresh=args.score_thresh,
             precision=args.precision, channels_last=args.channels_last, edge_margin=args.edge_margin,
             backend=args.backend, tile_max_dets=args.tile_max_dets,
+            skip_nodata=args.skip_nodata, nodata=args.nodata,
         )
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     names = MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes") if cfg.DATASETS.TEST else None
     names = names or [str(i) for i in range(cfg.MODEL.GFL.NUM_CLASSES)]
-    os.makedirs(args.output, exist_ok=True)
+    main_process = comm.is_main_process()
+    if main_process:
+        os.makedirs(args.output, exist_ok=True)
 
     rows, coco, images = [], [], []
-    for image_id, path in enumerate(paths, start=1):
-        stem = os.path.splitext(os.path.basename(path))[0]
-        start = time.perf_counter()
-        try:
-            with open_image(path) as reader:
-                result = predictor(reader)
-                inst = result.instances
-                boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
-                scores = inst.scores.numpy().astype(np.float64)
-                classes = inst.pred_classes.numpy()
-                these = [{"image_path": os.path.basename(path), "xmin": round(b[0], 2), "ymin": round(b[1], 2),
-                          "xmax": round(b[2], 2), "ymax": round(b[3], 2), "label": names[c],
-                          "score": round(float(s), 4)} for b, s, c in zip(boxes.tolist(), scores, classes)]
-                if reader.georeferenced:
-                    writers.write_geojson(os.path.join(args.output, stem + ".geojson"), these, boxes,
-                                          reader.crs, reader.transform)
-                writers.write_drawing(os.path.join(args.output, stem + "_drawing.png"), reader, boxes,
-                                      scores, args.draw_max_side, args.draw_score_thresh)
-                height, width = reader.height, reader.width
-        except ImageReadError as e:
-            raise SystemExit(f"error: {e}")
-        rows += these
-        coco += [{"image_id": image_id, "category_id": int(c) + 1,
-                  "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
-                 for b, s, c in zip(boxes.tolist(), scores, classes)]
-        images.append({"id": image_id, "file_name": path, "height": height, "width": width})
-        megapixels = height * width / 1e6
-        took = time.perf_counter() - start
-        print(f"{path}: {len(boxes)} detections ({result.num_tiles} tiles, {megapixels:.1f} MP) in "
-              f"{took:.1f} s ({took / megapixels:.2f} s/MP)", flush=True)
+    ids = {path: i for i, path in enumerate(paths, start=1)}
+    start = time.perf_counter()
+    tiles_run = 0
+    try:
+        for item in predict_images(predictor, paths, args.skip_unreadable):
+            tiles_run += item.tiles_run
+            if item.error is not None:
+                skipped.append((item.path, item.error))
+            if item.result is None:  # skipped, or not rank 0
+                continue
+            path, reader, result = item.path, item.reader, item.result
+            stem = os.path.splitext(os.path.basename(path))[0]
+            inst = result.instances
+            boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
+            scores = inst.scores.numpy().astype(np.float64)
+            classes = inst.pred_classes.numpy()
+            these = [{"image_path": os.path.basename(path), "xmin": round(b[0], 2), "ymin": round(b[1], 2),
+                      "xmax": round(b[2], 2), "ymax": round(b[3], 2), "label": names[c],
+                      "score": round(float(s), 4)} for b, s, c in zip(boxes.tolist(), scores, classes)]
+            if reader.georeferenced:
+                writers.write_geojson(os.path.join(args.output, stem + ".geojson"), these, boxes,
+                                      reader.crs, reader.transform)
+            writers.write_drawing(os.path.join(args.output, stem + "_drawing.png"), reader, boxes,
+                                  scores, args.draw_max_side, args.draw_score_thresh)
+            height, width = reader.height, reader.width
+            rows += these
+            coco += [{"image_id": ids[path], "category_id": int(c) + 1,
+                      "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
+                     for b, s, c in zip(boxes.tolist(), scores, classes)]
+            images.append({"id": ids[path], "file_name": path, "height": height, "width": width})
+            megapixels = height * width / 1e6
+            took = time.perf_counter() - start
+            skip = f", {result.num_skipped} without data skipped" if result.num_skipped else ""
+            print(f"{path}: {len(boxes)} detections ({result.num_tiles} tiles{skip}, {megapixels:.1f} MP) "
+                  f"in {took:.1f} s ({took / megapixels:.2f} s/MP)", flush=True)
+            start = time.perf_counter()
+    except ImageReadError as e:
+        raise SystemExit(f"error: {e}")
+    if comm.get_world_size() > 1:
+        print(f"rank {comm.get_rank()} of {comm.get_world_size()}: ran {tiles_run} tiles", flush=True)
+    if not main_process:
+        return
     writers.write_coco_results(os.path.join(args.output, "coco_results.json"), coco)
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
     with writers.atomic_open(os.path.join(args.output, "coco_images.json")) as f:
         import json
 
         json.dump({"images": images, "categories": categories}, f)
+    if args.skip_unreadable:
+        import csv
+
+        with writers.atomic_open(os.path.join(args.output, "skipped_inputs.csv"), newline="") as f:
+            csv.writer(f).writerows([("path", "error")] + skipped)
+        for path, error in skipped:
+            print(f"skipped {path}: {error}", file=sys.stderr)
     writers.write_csv(os.path.join(args.output, "detections.csv"), rows)  # last: marks completion
-    print(f"wrote {len(rows)} detections of {len(paths)} images to {args.output}/")
-    return 0
+    print(f"wrote {len(rows)} detections of {len(images)} images to {args.output}/"
+          + (f" ({len(skipped)} unreadable inputs skipped: {args.output}/skipped_inputs.csv)" if skipped else ""))
 
 
 if __name__ == "__main__":

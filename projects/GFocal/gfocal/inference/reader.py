@@ -8,6 +8,7 @@ whole (they are rarely large) with ``cv2.imread``.
 import logging
 import os
 import warnings
+from typing import Optional
 
 import numpy as np
 
@@ -26,13 +27,17 @@ class ImageReadError(ValueError):
 
 class WindowReader:
     """One image: ``height``, ``width``, ``read(x0, y0, x1, y1)`` -> (h, w, 3) uint8 RGB, and for
-    geo-referenced input ``crs`` (a rasterio CRS) and ``transform`` (pixel -> map affine)."""
+    geo-referenced input ``crs`` (a rasterio CRS) and ``transform`` (pixel -> map affine).
+    ``has_mask``: the image declares where it holds no data (a nodata value, an alpha band or an
+    internal mask), read by ``read_mask``."""
 
     path: str
     height: int
     width: int
     crs = None
     transform = None
+    dtype = "uint8"  # the type of the bands in the file
+    has_mask = False
 
     @property
     def georeferenced(self) -> bool:
@@ -40,6 +45,10 @@ class WindowReader:
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         raise NotImplementedError
+
+    def read_mask(self, x0: int, y0: int, x1: int, y1: int) -> Optional[np.ndarray]:
+        """(h, w) bool, True where the window holds data; None when ``has_mask`` is False."""
+        return None
 
     def close(self) -> None:
         pass
@@ -56,7 +65,13 @@ class _Cv2Reader(WindowReader):
         import cv2
 
         self.path = path
-        image = cv2.imread(path, cv2.IMREAD_COLOR)
+        self._alpha = None
+        image = _decode_png_with_alpha(path) if _png_has_alpha(path) else None
+        if image is not None:
+            image, self._alpha = image[:, :, :3], image[:, :, 3] > 0
+            self.has_mask = True
+        else:
+            image = cv2.imread(path, cv2.IMREAD_COLOR)
         if image is None:
             raise ImageReadError(f"{path}: cannot be decoded as an image (corrupt or not an image)")
         self._rgb = np.ascontiguousarray(image[:, :, ::-1])
@@ -65,10 +80,34 @@ class _Cv2Reader(WindowReader):
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         return self._rgb[y0:y1, x0:x1]
 
+    def read_mask(self, x0: int, y0: int, x1: int, y1: int) -> Optional[np.ndarray]:
+        return None if self._alpha is None else self._alpha[y0:y1, x0:x1]
+
+
+def _png_has_alpha(path: str) -> bool:
+    """The PNG header's colour type (byte 25) is grey + alpha (4) or RGBA (6)."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[25] in (4, 6)
+
+
+def _decode_png_with_alpha(path: str) -> Optional[np.ndarray]:
+    """(H, W, 4) uint8 BGRA of a PNG with an alpha channel (16-bit scaled to 8 as OpenCV's
+    IMREAD_COLOR does), or None when it does not decode to four channels."""
+    import cv2
+
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    if image is None or image.ndim != 3 or image.shape[2] != 4:
+        return None
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    return image if image.dtype == np.uint8 else None
+
 
 class _RasterioReader(WindowReader):
     def __init__(self, path: str, cache_mb: int):
         import rasterio
+        from rasterio.enums import MaskFlags
         from rasterio.errors import RasterioIOError
 
         self.path = path
@@ -95,6 +134,9 @@ class _RasterioReader(WindowReader):
                 "(rescale to uint8 first, e.g. gdal_translate -ot Byte -scale)"
             )
         self._bands = [1, 2, 3] if src.count >= 3 else [1, 1, 1]
+        self.dtype = src.dtypes[0]
+        # GDAL's mask flags: all_valid unless a nodata value, an alpha band or a mask is declared.
+        self.has_mask = any(MaskFlags.all_valid not in src.mask_flag_enums[b - 1] for b in set(self._bands))
         if src.crs is not None:
             self.crs, self.transform = src.crs, src.transform
         elif not src.transform.is_identity:
@@ -115,6 +157,20 @@ class _RasterioReader(WindowReader):
         except RasterioIOError as e:  # a truncated or damaged file fails on the damaged block
             raise ImageReadError(f"{self.path}: window {(x0, y0, x1, y1)} cannot be read ({e})") from e
         return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
+    def read_mask(self, x0: int, y0: int, x1: int, y1: int) -> Optional[np.ndarray]:
+        """GDAL's dataset mask of the window (alpha band, internal / .msk mask, or: some band
+        differs from the nodata value); only the mask is read."""
+        if not self.has_mask:
+            return None
+        from rasterio.errors import RasterioIOError
+        from rasterio.windows import Window
+
+        try:
+            mask = self._src.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0))
+        except RasterioIOError as e:
+            raise ImageReadError(f"{self.path}: mask of window {(x0, y0, x1, y1)} cannot be read ({e})") from e
+        return mask > 0
 
     def close(self) -> None:
         if self._src is not None:

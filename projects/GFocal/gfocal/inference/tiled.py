@@ -2,7 +2,7 @@
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +18,9 @@ from ..tiling import check_tiling, tile_windows
 from .backends import build_backend
 from .forward import PRECISIONS, prepare_model
 from .merge import merge_detections
+from .nodata import NodataFilter, check_nodata_value
 from .reader import WindowReader, open_image
+from .tile_detections import TileDetections
 
 __all__ = ["TiledPredictor", "TiledResult", "ArrayReader", "PRECISIONS", "DEVICE_DEFAULTS",
            "TILE_MAX_DETS"]
@@ -62,6 +64,7 @@ class TiledResult:
     num_tiles: int
     capped: bool  # the --max-dets cap dropped detections
     tiles_at_cap: int  # tiles whose detections above the score threshold exceeded the per-tile cap
+    num_skipped: int = 0  # tiles not run: no valid pixel (nodata / alpha / mask)
 
 
 class TiledPredictor:
@@ -95,6 +98,8 @@ class TiledPredictor:
         edge_margin: float = 2.0,
         tile_max_dets: int = TILE_MAX_DETS,
         backend: str = "torch",
+        skip_nodata: bool = True,
+        nodata: Optional[float] = None,
     ):
         """
         Args:
@@ -110,6 +115,9 @@ class TiledPredictor:
             tile_max_dets: detections kept per tile before the merge (the model's
                 ``max_detections_per_image`` while the predictor runs it).
             backend: "torch", "onnxruntime" or "openvino" (:mod:`.backends`).
+            skip_nodata: skip tiles with no valid pixel and drop boxes centred on nodata
+                (:mod:`.nodata`: the image's nodata value, alpha band or mask).
+            nodata: a pixel value (all bands) that also means "no data" (``--nodata``).
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: the tiled predictor takes RGB or BGR")
@@ -144,6 +152,10 @@ class TiledPredictor:
             self._thresholds["score_thresh"] = float(score_thresh)
         self.precision, self.channels_last = precision, bool(channels_last)
         self.edge_margin = float(edge_margin)
+        self.skip_nodata, self.nodata = bool(skip_nodata), nodata
+        if nodata is not None and not skip_nodata:
+            raise ValueError("--nodata needs the nodata skip (drop --no-skip-nodata)")
+        check_nodata_value(nodata)
         self.backend_name = backend
         self._backend = None
         if hasattr(model, "test_score_thresh"):  # a detector (tests give stand-ins)
@@ -188,7 +200,7 @@ class TiledPredictor:
             inputs.append({"image": image, "height": tile.shape[0], "width": tile.shape[1]})
         return inputs
 
-    def detect_tiles(self, tiles: Sequence[np.ndarray]) -> Tuple[List[Instances], List[bool]]:
+    def run_tiles(self, tiles: Sequence[np.ndarray]) -> Tuple[List[Instances], List[bool]]:
         """One forward pass over a batch of (h, w, 3) uint8 RGB tiles: per tile its
         :class:`Instances` in tile pixels (the model's NMS, at most ``tile_max_dets``), and
         whether the cap cut detections that passed the score threshold."""
@@ -198,8 +210,8 @@ class TiledPredictor:
         return [inst[: self.tile_max_dets] if c else inst for inst, c in zip(found, cut)], cut
 
     def predict_tiles(self, tiles: Sequence[np.ndarray]) -> List[Instances]:
-        """:meth:`detect_tiles` without the cut flags (SAHI's model calls this)."""
-        return self.detect_tiles(tiles)[0]
+        """:meth:`run_tiles` without the cut flags (SAHI's model calls this)."""
+        return self.run_tiles(tiles)[0]
 
     def _batches(self, reader: WindowReader, windows: np.ndarray) -> Iterator[Tuple[np.ndarray, List[np.ndarray]]]:
         for start in range(0, len(windows), self.batch_size):
@@ -220,28 +232,55 @@ class TiledPredictor:
             image = ArrayReader(image)
         return self._predict(image, windows)
 
-    def _predict(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> TiledResult:
-        image_hw = (reader.height, reader.width)
+    def grid(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> np.ndarray:
+        """(T, 4) int XYXY: the tiles of ``reader`` (or ``windows``, checked for shape)."""
         if windows is None:
-            grid = tile_windows(image_hw, self.patch_size, self.overlap)
+            return tile_windows((reader.height, reader.width), self.patch_size, self.overlap)
+        return np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+
+    def _predict(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> TiledResult:
+        grid = self.grid(reader, windows)
+        return self.merge_tiles(reader, grid, self.detect_tiles(reader, grid))
+
+    def detect_tiles(
+        self, reader: WindowReader, grid: np.ndarray, ids: Optional[np.ndarray] = None,
+        partial: Optional[Set[int]] = None,
+    ) -> TileDetections:
+        """The detections of the tiles ``ids`` of ``grid`` (default: all), in image pixels, before
+        the merge; with ``skip_nodata``, tiles without data are not run and boxes centred on
+        nodata are dropped (:class:`.nodata.NodataFilter`). With ``partial`` given, ``ids`` are
+        tiles already known to hold data and ``partial`` those that also hold nodata (the
+        selection :mod:`.distributed` makes before sharing the tiles out)."""
+        ids = np.arange(len(grid)) if ids is None else np.asarray(ids, dtype=np.int64)
+        valid = NodataFilter(reader, self.nodata) if self.skip_nodata else None
+        if partial is not None:
+            run = ids
         else:
-            grid = np.asarray(windows, dtype=np.int64).reshape(-1, 4)
+            run, partial = valid.select(grid, ids) if valid is not None else (ids, set())
         boxes, scores, classes, windows = [], [], [], []
         tiles_at_cap = 0
-        for chunk, tiles in self._batches(reader, grid):
-            found, cut = self.detect_tiles(tiles)
+        tile_ids = iter(run.tolist())
+        for chunk, tiles in self._batches(reader, grid[run]):
+            found, cut = self.run_tiles(tiles)
             tiles_at_cap += sum(cut)
             for window, inst in zip(chunk, found):
+                if next(tile_ids) in partial:
+                    inst = inst[valid.keep_boxes(window, inst.pred_boxes.tensor)]
                 offset = torch.tensor([window[0], window[1]] * 2, dtype=torch.float32)
                 boxes.append(inst.pred_boxes.tensor.float().cpu() + offset)
                 scores.append(inst.scores.float().cpu())
                 classes.append(inst.pred_classes.cpu())
                 windows.append(torch.as_tensor(window, dtype=torch.float32).expand(len(inst), 4))
+        return TileDetections.from_tiles(boxes, scores, classes, windows, run.tolist(), num_run=len(run),
+                                         num_skipped=len(ids) - len(run), tiles_at_cap=tiles_at_cap)
+
+    def merge_tiles(self, reader: WindowReader, grid: np.ndarray, dets: TileDetections) -> TiledResult:
+        """The seam merge of the detections of all tiles of ``grid`` (:func:`.merge.merge_detections`)."""
+        image_hw = (reader.height, reader.width)
         grid_t = torch.as_tensor(grid, dtype=torch.float32)
         b, s, c, found = merge_detections(
-            torch.cat(boxes).cpu(), torch.cat(scores).cpu(), torch.cat(classes).cpu(),
-            torch.cat(windows), grid_t, image_hw, self.model.test_nms_thresh,
-            self.max_dets, self.edge_margin,
+            dets.boxes, dets.scores, dets.classes, dets.windows, grid_t, image_hw,
+            self.model.test_nms_thresh, self.max_dets, self.edge_margin,
         )
         capped = found > self.max_dets
         if capped:
@@ -249,6 +288,7 @@ class TiledPredictor:
                 f"{reader.path}: {found} detections after the merge, kept the best "
                 f"{self.max_dets} (--max-dets)", stacklevel=2
             )
+        tiles_at_cap = dets.tiles_at_cap
         if tiles_at_cap:
             warnings.warn(
                 f"{reader.path}: in {tiles_at_cap} of {len(grid)} tiles the per-tile cap of "
@@ -260,4 +300,4 @@ class TiledPredictor:
         result.pred_boxes = Boxes(b)
         result.scores = s
         result.pred_classes = c
-        return TiledResult(result, len(grid), capped, tiles_at_cap)
+        return TiledResult(result, len(grid), capped, tiles_at_cap, dets.num_skipped)
