@@ -18,7 +18,7 @@ from ..model_io.checkpoint import GFLCheckpointer
 from ..engine.hooks.ema import apply_checkpoint_ema
 from ..tiling import check_tiling, tile_windows
 from .merge import merge_detections
-from .reader import WindowReader, open_image
+from .reader import WindowReader, open_image, resample_scale
 
 __all__ = ["TiledPredictor", "TiledResult", "ArrayReader", "PRECISIONS"]
 
@@ -79,6 +79,8 @@ class TiledPredictor:
         precision: str = "fp32",
         channels_last: bool = False,
         edge_margin: float = 2.0,
+        model_gsd: float = 0.0,
+        resample: bool = True,
     ):
         """
         Args:
@@ -91,6 +93,9 @@ class TiledPredictor:
             precision: "fp32" or "bf16" (autocast of backbone and head).
             channels_last: NHWC weights and input.
             edge_margin: pixels within which a box "touches" a tile edge (seam rule; < 0: off).
+            model_gsd: metres per pixel the model was trained at (``INPUT.GSD``; 0: unknown).
+            resample: read each image resampled to ``model_gsd`` when its own GSD is known (a
+                GeoTIFF's transform, or ``gsd`` of :meth:`__call__`); boxes are mapped back.
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: the tiled predictor takes RGB or BGR")
@@ -112,6 +117,9 @@ class TiledPredictor:
             self.model.test_score_thresh = float(score_thresh)
         self.precision, self.channels_last = precision, channels_last
         self.edge_margin = float(edge_margin)
+        if not model_gsd >= 0:
+            raise ValueError(f"INPUT.GSD={model_gsd} must be > 0 (metres per pixel), or 0 for unknown")
+        self.model_gsd, self.resample = float(model_gsd), bool(resample)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
 
@@ -136,6 +144,7 @@ class TiledPredictor:
             "input_format": cfg.INPUT.FORMAT,
             "patch_size": patch,
             "overlap": patch // 4 if overlap is None else overlap,
+            "model_gsd": float(cfg.INPUT.get("GSD", 0.0)),
             **{k: v for k, v in kwargs.items() if v is not None},
         }
 
@@ -180,20 +189,31 @@ class TiledPredictor:
             yield chunk, [reader.read(*(int(v) for v in w)) for w in chunk]
 
     def __call__(
-        self, image: Union[str, np.ndarray, WindowReader], windows: Optional[np.ndarray] = None
+        self, image: Union[str, np.ndarray, WindowReader], windows: Optional[np.ndarray] = None,
+        gsd: Optional[float] = None,
     ) -> TiledResult:
         """Detections of a whole image: a path (read window by window), an (H, W, 3) uint8 RGB
         array, or an open :class:`WindowReader`. ``windows`` (T, 4) XYXY replaces the grid of
         :func:`.grid.tile_windows` (e.g. SAHI's slices, for comparisons); it must be a product of
-        columns and rows, as the seam rule assumes."""
+        columns and rows, as the seam rule assumes (in the pixels of the resampled image).
+        ``gsd``: the image's metres per pixel (a plain image; replaces a GeoTIFF's)."""
         if isinstance(image, str):
             with open_image(image) as reader:
-                return self._predict(reader, windows)
+                return self._predict(reader, windows, gsd)
         if isinstance(image, np.ndarray):
             image = ArrayReader(image)
-        return self._predict(image, windows)
+        return self._predict(image, windows, gsd)
 
-    def _predict(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> TiledResult:
+    def _predict(
+        self, source: WindowReader, windows: Optional[np.ndarray] = None, gsd: Optional[float] = None
+    ) -> TiledResult:
+        # The image at the model's ground resolution (reader.py); boxes are scaled back below.
+        reader, back = source, torch.ones(4)
+        scale = resample_scale(source, self.model_gsd, gsd) if self.resample else 1.0
+        if abs(scale - 1.0) > 1e-3:
+            size = (max(1, round(source.height * scale)), max(1, round(source.width * scale)))
+            reader = source.resampled(*size)
+            back = torch.tensor([source.width / size[1], source.height / size[0]] * 2)
         image_hw = (reader.height, reader.width)
         if windows is None:
             grid = tile_windows(image_hw, self.patch_size, self.overlap)
@@ -229,8 +249,8 @@ class TiledPredictor:
                 f"{per_tile_cap} detections per tile (TEST.DETECTIONS_PER_IMAGE): raise it or "
                 "use smaller patches", stacklevel=2
             )
-        result = Instances(image_hw)
-        result.pred_boxes = Boxes(b)
+        result = Instances((source.height, source.width))
+        result.pred_boxes = Boxes(b * back)  # in the source image's pixels
         result.scores = s
         result.pred_classes = c
         return TiledResult(result, len(grid), capped, tiles_at_cap)
