@@ -37,6 +37,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw-max-side", type=int, default=2048, help="longer side of the drawing")
     p.add_argument("--edge-margin", type=float, default=2.0,
                    help="seam rule: pixels within which a box touches a tile edge (-1: NMS only)")
+    p.add_argument("--gsd", type=float, default=None, metavar="METRES",
+                   help="ground sample distance of the inputs in metres per pixel (plain PNG/JPEG, "
+                   "e.g. a drone photo; replaces a GeoTIFF's): each image is resampled to the "
+                   "model's INPUT.GSD and the boxes mapped back to its own pixels")
+    p.add_argument("--no-resample", action="store_true",
+                   help="predict at the images' own pixel size even when their GSD differs from "
+                   "the model's INPUT.GSD")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--channels-last", action="store_true", help="NHWC weights and input")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (sets MODEL.DEVICE)")
@@ -86,6 +93,9 @@ def main(argv=None) -> int:
     if args.patch_size is not None and args.overlap is not None and not 0 <= args.overlap < args.patch_size:
         raise SystemExit(f"error: --overlap {args.overlap} must be in [0, --patch-size {args.patch_size})")
 
+    if args.gsd is not None and not args.gsd > 0:
+        raise SystemExit(f"error: --gsd {args.gsd} must be > 0 (metres per pixel of the inputs)")
+
     from gfocal.inference import ImageReadError, open_image
 
     for path in paths:  # fail before building the model (and before writing anything)
@@ -111,6 +121,7 @@ def main(argv=None) -> int:
             cfg, weights=args.weights, patch_size=args.patch_size, overlap=args.overlap,
             batch_size=args.batch_size, max_dets=args.max_dets, score_thresh=args.score_thresh,
             precision=args.precision, channels_last=args.channels_last, edge_margin=args.edge_margin,
+            resample=not args.no_resample,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}")
@@ -124,7 +135,7 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             with open_image(path) as reader:
-                result = predictor(reader)
+                result = predictor(reader, gsd=args.gsd)
                 inst = result.instances
                 boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
                 scores = inst.scores.numpy().astype(np.float64)
@@ -138,7 +149,7 @@ def main(argv=None) -> int:
                 writers.write_drawing(os.path.join(args.output, stem + "_drawing.png"), reader, boxes,
                                       scores, args.draw_max_side, args.draw_score_thresh)
                 height, width = reader.height, reader.width
-        except ImageReadError as e:
+        except (ImageReadError, ValueError) as e:
             raise SystemExit(f"error: {e}")
         rows += these
         coco += [{"image_id": image_id, "category_id": int(c) + 1,
