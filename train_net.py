@@ -26,6 +26,7 @@ from detectron2.evaluation import verify_results
 import gfocal  # noqa: F401  (registers the GFL meta-architecture and backbones)
 from gfocal import add_gfl_config
 from gfocal.data.register import add_dataset_arguments, check_datasets, register_datasets_from_args
+from gfocal.data.tiling_config import apply_dataset_tiling
 from gfocal.engine import Trainer, launch
 from gfocal.engine.batch_scaling import scale_solver_to_batch
 
@@ -46,6 +47,7 @@ def setup(args):
     scaling = scale_solver_to_batch(cfg)
     cfg.freeze()
     # The data checks come before default_setup, which writes into OUTPUT_DIR.
+    apply_dataset_tiling(cfg)  # DATASETS.TILING: --dataset datasets cut into windows
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.GFL.NUM_CLASSES)
     default_setup(cfg, args)
     if scaling:

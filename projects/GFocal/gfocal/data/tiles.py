@@ -41,6 +41,7 @@ __all__ = [
     "source_boxes",
     "tiles_are_intact",
     "write_tiles",
+    "write_voc_csv",
 ]
 
 logger = logging.getLogger(__name__)
@@ -365,3 +366,57 @@ class _TileWriter:
     def close(self) -> None:
         if self.geotiff:
             self._src.close()
+
+
+def write_voc_csv(json_path: str, formats: Sequence[str] = ("voc", "csv")) -> List[str]:
+    """Also write the tiles of a :func:`write_tiles` JSON as Pascal VOC XML (``voc/``, one per
+    tile) and / or deepforest's CSV (``annotations.csv``, ``image_path`` relative to the tiles
+    folder, a row 0,0,0,0 for a tile without boxes); iscrowd boxes are left out of both."""
+    import csv
+    import xml.etree.ElementTree as ET
+
+    with open(json_path) as f:
+        coco = json.load(f)
+    root = os.path.dirname(os.path.abspath(json_path))
+    names = {c["id"]: c["name"] for c in coco["categories"]}
+    by_image: Dict[int, list] = {}
+    for a in coco["annotations"]:
+        if not a["iscrowd"]:
+            by_image.setdefault(a["image_id"], []).append(a)
+    written = []
+    if "voc" in formats:
+        folder = os.path.join(root, "voc")
+        os.makedirs(folder, exist_ok=True)
+        for im in coco["images"]:
+            ann = ET.Element("annotation")
+            ET.SubElement(ann, "filename").text = im["file_name"]
+            size = ET.SubElement(ann, "size")
+            for key in ("width", "height"):
+                ET.SubElement(size, key).text = str(im[key])
+            ET.SubElement(size, "depth").text = "3"
+            for a in by_image.get(im["id"], []):
+                obj = ET.SubElement(ann, "object")
+                ET.SubElement(obj, "name").text = names[a["category_id"]]
+                ET.SubElement(obj, "difficult").text = "0"
+                box = ET.SubElement(obj, "bndbox")
+                x, y, w, h = a["bbox"]
+                for key, v in zip(("xmin", "ymin", "xmax", "ymax"), (x, y, x + w, y + h)):
+                    ET.SubElement(box, key).text = f"{v:g}"
+            path = os.path.join(folder, os.path.splitext(im["file_name"])[0] + ".xml")
+            ET.ElementTree(ann).write(path)
+            written.append(path)
+    if "csv" in formats:
+        path = os.path.join(root, "annotations.csv")
+        with open(path, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["image_path", "xmin", "ymin", "xmax", "ymax", "label"])
+            for im in coco["images"]:
+                anns = by_image.get(im["id"], [])
+                if not anns:
+                    out.writerow([im["file_name"], 0, 0, 0, 0, ""])
+                for a in anns:
+                    x, y, w, h = a["bbox"]
+                    out.writerow([im["file_name"], f"{x:g}", f"{y:g}", f"{x + w:g}", f"{y + h:g}",
+                                  names[a["category_id"]]])
+        written.append(path)
+    return written
