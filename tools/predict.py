@@ -43,6 +43,13 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--draw-max-side", type=int, default=2048, help="longer side of the drawing")
     p.add_argument("--edge-margin", type=float, default=2.0,
                    help="seam rule: pixels within which a box touches a tile edge (-1: NMS only)")
+    p.add_argument("--gsd", type=float, default=None, metavar="METRES",
+                   help="ground sample distance of the inputs in metres per pixel (plain PNG/JPEG, "
+                   "e.g. a drone photo; replaces a GeoTIFF's): each image is resampled to the "
+                   "model's INPUT.GSD and the boxes mapped back to its own pixels")
+    p.add_argument("--no-resample", action="store_true",
+                   help="predict at the images' own pixel size even when their GSD differs from "
+                   "the model's INPUT.GSD")
     p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                    help="bf16: autocast of backbone and head (default: the device's)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -116,6 +123,9 @@ def main(argv=None) -> int:
     if not 0 <= args.machine_rank < args.num_machines:
         raise SystemExit(f"error: --machine-rank {args.machine_rank} must be in [0, --num-machines {args.num_machines})")
 
+    if args.gsd is not None and not args.gsd > 0:
+        raise SystemExit(f"error: --gsd {args.gsd} must be > 0 (metres per pixel of the inputs)")
+
     from gfocal.inference import ImageReadError, open_image
     from gfocal.inference.nodata import check_image_nodata
 
@@ -176,6 +186,7 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
             precision=args.precision, channels_last=args.channels_last, edge_margin=args.edge_margin,
             backend=args.backend, tile_max_dets=args.tile_max_dets,
             skip_nodata=args.skip_nodata, nodata=args.nodata,
+            resample=not args.no_resample,
         )
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")
@@ -190,7 +201,7 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
     start = time.perf_counter()
     tiles_run = 0
     try:
-        for item in predict_images(predictor, paths, args.skip_unreadable):
+        for item in predict_images(predictor, paths, args.skip_unreadable, gsd=args.gsd):
             tiles_run += item.tiles_run
             if item.error is not None:
                 skipped.append((item.path, item.error))
@@ -222,7 +233,7 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
             print(f"{path}: {len(boxes)} detections ({result.num_tiles} tiles{skip}, {megapixels:.1f} MP) "
                   f"in {took:.1f} s ({took / megapixels:.2f} s/MP)", flush=True)
             start = time.perf_counter()
-    except ImageReadError as e:
+    except (ImageReadError, ValueError) as e:  # unreadable; a GSD that cannot be used
         raise SystemExit(f"error: {e}")
     if comm.get_world_size() > 1:
         print(f"rank {comm.get_rank()} of {comm.get_world_size()}: ran {tiles_run} tiles", flush=True)

@@ -100,6 +100,12 @@ def add_gfl_config(cfg: CN) -> None:
     # Training images flipped both ways and transposed at random, the 8 symmetries of the square
     # (overhead imagery; gfocal/data/augmentation.py). Replaces INPUT.RANDOM_FLIP when True.
     _C.INPUT.DIHEDRAL_AUGMENTATION = False
+    # Ground sample distance the model is trained at, in metres per pixel (0: unknown). The tiled
+    # predictor resamples a GeoTIFF (pixel size from its transform) or an image given --gsd to it
+    # (gfocal/inference/reader.py; docs/whole_images.md).
+    _C.INPUT.GSD = 0.0
+
+    add_tiling_config(_C)
 
     # The batch BASE_LR and WARMUP_ITERS were written for: train_net.py scales them to
     # SOLVER.IMS_PER_BATCH by the linear scaling rule (gfocal/engine/batch_scaling.py). 0: off (the
@@ -129,6 +135,43 @@ def add_gfl_config(cfg: CN) -> None:
     _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR = ""
 
     add_small_data_config(_C)
+
+
+def add_tiling_config(cfg: CN) -> None:
+    """``DATASETS.TILING``: the ``--dataset`` datasets of DATASETS.TRAIN / TEST cut into windows
+    (gfocal/data/tiling_config.py; docs/own_data.md), and ``TEST.WHOLE_IMAGE``: their evaluation
+    on the whole images, stitched from the tiles' detections."""
+    _C = cfg
+    _C.DATASETS.TILING = CN()
+    # "": whole images (detectron2's resize only); "grid": the windows of one grid, written once
+    # as files (deterministic, works with the feature cache); "crop": a random window of each
+    # training image at every load (test datasets use the grid).
+    _C.DATASETS.TILING.MODE = ""
+    _C.DATASETS.TILING.SIZE = 400  # window side in pixels (deepforest's patch_size)
+    _C.DATASETS.TILING.OVERLAP = 200  # training grid overlap in pixels
+    _C.DATASETS.TILING.TEST_OVERLAP = 0  # test grid overlap (per-tile COCO evaluation)
+    # Box rule at the cuts: a clipped box with less than MIN_VISIBLE of its area inside the window
+    # becomes iscrowd (not trained on, ignored by COCO evaluation); one thinner than MIN_SIDE px
+    # is dropped.
+    _C.DATASETS.TILING.MIN_VISIBLE = 0.5
+    _C.DATASETS.TILING.MIN_SIDE = 2.0
+    # Share of the windows without a box that are kept (chosen with SEED); also in "crop" mode,
+    # the probability that an empty random crop is accepted (else it is drawn again).
+    _C.DATASETS.TILING.EMPTY_FRACTION = 1.0
+    _C.DATASETS.TILING.SEED = 0
+    # Folder of the written tiles; "": $DETECTRON2_DATASETS/tiles (default datasets/tiles).
+    _C.DATASETS.TILING.CACHE_DIR = ""
+    # Warn at start when DATASETS.TILING.MODE is "" and more than this share of the training
+    # boxes get no positive anchor after the training resize (0: no check; docs/own_data.md).
+    _C.DATASETS.TILING.WARN_UNASSIGNED_FRACTION = 0.05
+
+    _C.TEST.WHOLE_IMAGE = CN()
+    # Also evaluate each tiled test dataset on its whole images: the tiles' detections in image
+    # pixels, seam rule and NMS (gfocal/inference/merge.py), AP and P/R/F1 at
+    # TEST.PRECISION_RECALL.IOU_THRESH (gfocal/evaluation/whole_image.py).
+    _C.TEST.WHOLE_IMAGE.ENABLED = False
+    _C.TEST.WHOLE_IMAGE.MAX_DETS = 10000  # per whole image
+    _C.TEST.WHOLE_IMAGE.EDGE_MARGIN = 2.0  # seam rule margin in pixels (< 0: NMS only)
 
 
 def add_small_data_config(cfg: CN) -> None:

@@ -6,6 +6,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from detectron2.data.transforms import ResizeShortestEdge
+
 from .analysis import (
     CLAMP_MARGIN,
     ImageBoxes,
@@ -16,7 +18,8 @@ from .analysis import (
     training_scales,
 )
 
-__all__ = ["analyze_dataset", "box_size_stats", "format_report", "plot_histograms"]
+__all__ = ["analyze_dataset", "box_size_stats", "format_report", "plot_histograms", "resize_check",
+           "tile_image_boxes"]
 
 
 def box_size_stats(images: Sequence[ImageBoxes]) -> Dict[str, object]:
@@ -28,6 +31,82 @@ def box_size_stats(images: Sequence[ImageBoxes]) -> Dict[str, object]:
         if len(values):
             out[key] = {f"p{q}": round(float(np.percentile(values, q)), 1) for q in (1, 50, 99)}
             out[key].update(min=round(float(values.min()), 1), max=round(float(values.max()), 1))
+    return out
+
+
+def tile_image_boxes(images: Sequence[ImageBoxes], spec) -> List[ImageBoxes]:
+    """The images cut by the grid of a :class:`gfocal.data.tiles.TilingSpec`: per window its
+    size and its normal boxes (the box rule at the cuts; crowd boxes left out, as training)."""
+    from ..tiling import tile_boxes, tile_grid
+
+    out = []
+    for (height, width), boxes in images:
+        for window in tile_grid((height, width), spec.tile_size, spec.overlap):
+            clipped, crowd = tile_boxes(boxes, window, spec.min_visible, spec.min_side)
+            out.append(((int(window[3] - window[1]), int(window[2] - window[0])), clipped[~crowd]))
+    return out
+
+
+def resize_check(
+    images: Sequence[ImageBoxes],
+    cfg,
+    known_strides: Optional[Dict[str, int]] = None,
+    size_divisibility: Optional[int] = None,
+) -> Dict[str, object]:
+    """Box sizes after the training resize (at its smallest short side) against the smallest
+    anchor (``MODEL.GFL.ANCHOR_SCALE`` x the finest stride), the boxes without a positive anchor,
+    and a warning (``warning``, else None) when the resize shrinks the median box below the
+    smallest anchor or more than ``DATASETS.TILING.WARN_UNASSIGNED_FRACTION`` of the boxes get
+    no positive. The message says what to do: tile, or raise ``INPUT.MIN_SIZE_TRAIN``."""
+    gfl = cfg.MODEL.GFL
+    levels = list(gfl.IN_FEATURES)
+    strides = level_strides(levels, known_strides)
+    scales, max_size = training_scales(cfg), cfg.INPUT.MAX_SIZE_TRAIN
+    sides, resized = [], []
+    for (height, width), boxes in images:
+        if not len(boxes):
+            continue
+        new_h, new_w = ResizeShortestEdge.get_output_shape(height, width, min(scales), max_size)
+        side = np.sqrt((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]))
+        sides.append(side)
+        resized.append(side * math.sqrt(new_h * new_w / (height * width)))
+    anchor = float(gfl.ANCHOR_SCALE * min(strides))
+    out: Dict[str, object] = {"smallest_anchor": anchor, "boxes": 0, "warning": None}
+    if not sides:
+        return out
+    before, after = np.concatenate(sides), np.concatenate(resized)
+    median_before, median_after = float(np.median(before)), float(np.median(after))
+    _, counts = analyze_boxes(
+        images, levels, strides, scales, max_size, anchor_scale=gfl.ANCHOR_SCALE,
+        anchor_offset=gfl.ANCHOR_OFFSET, topk=gfl.TOPK,
+        size_divisibility=size_divisibility or max(strides),
+    )
+    fraction = counts["unassigned"] / max(counts["boxes"], 1)
+    limit = float(cfg.DATASETS.TILING.WARN_UNASSIGNED_FRACTION) if "TILING" in cfg.DATASETS else 0.05
+    out.update(
+        boxes=int(len(before)), median_sqrt_area=round(median_before, 1),
+        median_sqrt_area_resized=round(median_after, 1),
+        resize_factor=round(median_after / median_before, 3),
+        unassigned=counts["unassigned"], assigned_boxes=counts["boxes"],
+        unassigned_fraction=round(fraction, 4), unassigned_limit=limit,
+    )
+    problems = []
+    if median_after < median_before * 0.999 and median_after < anchor:
+        problems.append(
+            f"the training resize (INPUT.MIN_SIZE_TRAIN {tuple(cfg.INPUT.MIN_SIZE_TRAIN)}, "
+            f"MAX_SIZE_TRAIN {max_size}) shrinks the median box from {median_before:.0f} to "
+            f"{median_after:.0f} px, below the smallest anchor ({anchor:g} px: ANCHOR_SCALE "
+            f"{gfl.ANCHOR_SCALE:g} x stride {min(strides)})")
+    if limit > 0 and fraction > limit:
+        problems.append(f"{counts['unassigned']} of {counts['boxes']} boxes ({fraction:.0%}, more "
+                        f"than DATASETS.TILING.WARN_UNASSIGNED_FRACTION {limit:g}) get no positive "
+                        "anchor and are never learned")
+    if problems:
+        size = cfg.DATASETS.TILING.SIZE if "TILING" in cfg.DATASETS else max(scales)
+        out["warning"] = (
+            "; ".join(problems) + f". Tile the images (DATASETS.TILING.MODE grid, "
+            f"DATASETS.TILING.SIZE {size}; docs/own_data.md), or raise INPUT.MIN_SIZE_TRAIN and "
+            "INPUT.MAX_SIZE_TRAIN towards the images' own size")
     return out
 
 
@@ -68,6 +147,18 @@ def analyze_dataset(
             size_divisibility=size_divisibility,
         )
 
+    checks = {}
+    tiling = cfg.DATASETS.TILING if "TILING" in cfg.DATASETS else None
+    if tiling is not None and tiling.SIZE > 0:
+        from .tiling_config import tiling_spec
+
+        spec = tiling_spec(cfg, train=True)
+        tiled = tile_image_boxes(images, spec)
+        checks["whole_images"] = resize_check(images, cfg, known_strides, size_divisibility)
+        checks["tiled"] = dict(resize_check(tiled, cfg, known_strides, size_divisibility),
+                               tiles=len(tiled), tile_size=spec.tile_size, overlap=spec.overlap)
+        if tiling.MODE:  # training sees the tiles: analyse them
+            images = tiled
     levels = list(gfl.IN_FEATURES)
     stats, counts = run(levels)
     rec = recommend(stats, gfl.REG_MAX, max_clamped_fraction, min_level_share)
@@ -86,6 +177,10 @@ def analyze_dataset(
         "recommended": {"REG_MAX": rec["reg_max"], "IN_FEATURES": rec["in_features"]},
         "max_clamped_fraction": max_clamped_fraction,
         "min_level_share": min_level_share,
+        "tiling_mode": tiling.MODE if tiling is not None else "",
+        "resize_check": checks,
+        "warnings": [c["warning"] for k, c in checks.items()
+                     if c["warning"] and (k == "tiled") == bool(tiling is not None and tiling.MODE)],
     }
     if rec["in_features"] == levels:
         return report, stats, stats
@@ -160,9 +255,30 @@ def format_report(report: Dict[str, object], name: str) -> str:
             f"{check['assignment']['boxes']} boxes get no positive (now "
             f"{assignment['unassigned']}): {verdict}"
         )
-    lines.append(f"Recommendation: MODEL.GFL.REG_MAX {rec['REG_MAX']}, "
+    lines += _resize_lines(report)
+    warnings = report.get("warnings") or []
+    lines += [f"WARNING: {w}" for w in warnings]
+    prefix = "Recommendation: first tile or resize (above); then " if warnings else "Recommendation: "
+    lines.append(f"{prefix}MODEL.GFL.REG_MAX {rec['REG_MAX']}, "
                  f"MODEL.GFL.IN_FEATURES {rec['IN_FEATURES']}")
     return "\n".join(lines)
+
+
+def _resize_lines(report: Dict[str, object]) -> List[str]:
+    checks = report.get("resize_check") or {}
+    lines = []
+    for key, label in (("whole_images", "whole images"), ("tiled", "tiles")):
+        c = checks.get(key)
+        if not c or not c.get("boxes"):
+            continue
+        where = label if key == "whole_images" else (
+            f"{c['tiles']} tiles of {c['tile_size']} px, overlap {c['overlap']}")
+        used = " (trained on)" if (key == "tiled") == bool(report.get("tiling_mode")) else ""
+        lines.append(
+            f"After the training resize, {where}{used}: median box {c['median_sqrt_area']} -> "
+            f"{c['median_sqrt_area_resized']} px (smallest anchor {c['smallest_anchor']:g} px); "
+            f"{c['unassigned']} of {c['assigned_boxes']} boxes get no positive")
+    return lines
 
 
 def plot_histograms(

@@ -9,7 +9,7 @@ format     ``PATH``                                     ``IMAGE_ROOT`` (default)
                                                         order, names from ``categories``
 ``voc``    a folder of Pascal VOC XML files (one per    folder of the ``<filename>`` s (the XML
            image; what labelImg, CVAT and deepforest    folder); if that file is missing, an image
-           write)                                       of the XML's stem with another extension
+           write), or one such ``.xml`` file            of the XML's stem with another extension
 ``csv``    a CSV file with the header                   folder of the ``image_path`` s (the CSV's
            ``image_path,xmin,ymin,xmax,ymax,label``     folder); a row 0,0,0,0 is an image without
            (deepforest; extra columns are ignored)      boxes (deepforest's convention)
@@ -119,6 +119,8 @@ def parse_voc_xml(xml_path: str) -> Tuple[str, Optional[Tuple[int, int]], List[V
 
 
 def _voc_files(folder: str) -> List[str]:
+    if os.path.isfile(folder) and folder.lower().endswith(".xml"):
+        return [folder]  # one annotation file
     if not os.path.isdir(folder):
         raise DataFormatError(f"VOC annotation folder {folder} does not exist")
     files = sorted(glob.glob(os.path.join(folder, "*.xml")))
@@ -170,7 +172,7 @@ def load_voc_folder(
 ) -> Tuple[List[dict], List[str]]:
     """Records of every ``*.xml`` in ``folder`` (sorted by name) and the class list used."""
     files = _voc_files(folder)
-    image_root = image_root or folder
+    image_root = image_root or (os.path.dirname(folder) if os.path.isfile(folder) else folder)
     parsed = [(path, *parse_voc_xml(path)) for path in files]
     if classes is None:
         classes = sorted({o.name for *_, objects in parsed for o in objects})

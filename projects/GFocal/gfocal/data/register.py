@@ -28,6 +28,7 @@ __all__ = [
     "parse_dataset_spec",
     "register_datasets",
     "register_datasets_from_args",
+    "registered_dataset_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,11 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
         raise ValueError(f"--dataset {text!r}: format {fmt!r} is not one of {list(FORMATS)}")
     path, _, image_root = paths.partition(":")
     return DatasetSpec(name.strip(), fmt, path, image_root or None)
+
+
+def registered_dataset_names() -> List[str]:
+    """Names of the datasets registered by ``--dataset`` in this process."""
+    return list(_REGISTERED)
 
 
 def _parse_classes(text: Optional[str]) -> Optional[List[str]]:

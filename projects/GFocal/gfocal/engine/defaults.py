@@ -11,6 +11,7 @@ from detectron2.evaluation import verify_results
 
 from ..config import load_config
 from ..data.register import check_datasets
+from ..data.tiling_config import apply_dataset_tiling
 from .batch_scaling import scale_solver_to_batch
 from .trainer import Trainer
 
@@ -25,6 +26,7 @@ def setup(args: argparse.Namespace) -> CfgNode:
     scaling = scale_solver_to_batch(cfg)
     cfg.freeze()
     # The data checks come before default_setup, which writes into OUTPUT_DIR.
+    apply_dataset_tiling(cfg)  # DATASETS.TILING: --dataset datasets cut into windows
     check_datasets(list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST), cfg.MODEL.GFL.NUM_CLASSES)
     default_setup(cfg, args)
     if scaling:

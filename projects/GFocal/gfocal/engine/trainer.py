@@ -7,13 +7,15 @@ import os
 import weakref
 from collections import OrderedDict
 
-from detectron2.data import DatasetMapper, build_detection_test_loader, build_detection_train_loader
+from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluators
 
 from ..data.annotations import check_num_classes, load_train_dataset_dicts
 from ..data.augmentation import build_train_augmentation
+from ..data.tile_crop import build_train_mapper
 from ..evaluation import PrecisionRecallEvaluator
+from ..evaluation.whole_image import build_whole_image_evaluator
 from ..inference.test_time_augmentation import GFLWithTTA
 from ..model_io.checkpoint import GFLCheckpointer
 from ..model_io.weights import evaluates_ema_weights
@@ -83,7 +85,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        mapper = DatasetMapper(cfg, is_train=True, augmentations=build_train_augmentation(cfg))
+        mapper = build_train_mapper(cfg, build_train_augmentation(cfg))  # DATASETS.TILING crops
         return build_detection_train_loader(cfg, dataset=load_train_dataset_dicts(cfg), mapper=mapper)
 
     @classmethod
@@ -103,10 +105,13 @@ class Trainer(DefaultTrainer):
             use_fast_impl=has_detectron2_ops(),
         )
         pr = cfg.TEST.PRECISION_RECALL
-        if not pr.ENABLED:
+        whole = build_whole_image_evaluator(cfg, dataset_name, output_folder)  # TEST.WHOLE_IMAGE
+        if not pr.ENABLED and whole is None:
             return coco
         return DatasetEvaluators(
-            [coco, PrecisionRecallEvaluator(dataset_name, pr.IOU_THRESH, pr.SCORE_THRESH, output_folder)]
+            [coco] + ([PrecisionRecallEvaluator(dataset_name, pr.IOU_THRESH, pr.SCORE_THRESH,
+                                                output_folder)] if pr.ENABLED else [])
+            + ([] if whole is None else [whole])
         )
 
     @classmethod

@@ -92,7 +92,8 @@ def _select(predictor: TiledPredictor, reader: WindowReader, grid: np.ndarray, i
 
 
 def predict_images(
-    predictor: TiledPredictor, paths: Sequence[str], skip_unreadable: bool = False
+    predictor: TiledPredictor, paths: Sequence[str], skip_unreadable: bool = False,
+    gsd: Optional[float] = None,
 ) -> Iterator[ImagePrediction]:
     """Predict ``paths`` in order, shared among the processes of ``torch.distributed`` (one
     process: all of it). Per image, the ranks first read the masks of a share of its tiles each
@@ -100,7 +101,8 @@ def predict_images(
     evenly, whatever the nodata layout. Every rank must consume the iterator to the end (each
     image is a collective step). An image that fails to read on any rank raises
     :class:`ImageReadError` on every rank, or with ``skip_unreadable`` comes out with its
-    ``error`` and is left out."""
+    ``error`` and is left out. Each image is predicted at the model's ground resolution
+    (:meth:`.tiled.TiledPredictor.at_model_gsd`; ``gsd``: the images' own, for plain images)."""
     rank, world = comm.get_rank(), comm.get_world_size()
     _check_same_inputs(paths)
     offset = 0  # tiles with data dealt out so far
@@ -109,8 +111,9 @@ def predict_images(
         try:
             try:
                 reader = open_image(path)
-                grid = predictor.grid(reader)
-                selected = _select(predictor, reader, grid, tile_share(len(grid), 0, rank, world))
+                view, back = predictor.at_model_gsd(reader, gsd)
+                grid = predictor.grid(view)
+                selected = _select(predictor, view, grid, tile_share(len(grid), 0, rank, world))
             except ImageReadError as e:
                 error = str(e)
             gathered = comm.all_gather((selected, error))
@@ -120,7 +123,7 @@ def predict_images(
                 partial = set().union(*(p for (_, p), _ in gathered))
                 mine = run[tile_share(len(run), offset, rank, world)]
                 try:
-                    dets = predictor.detect_tiles(reader, grid, mine, partial & set(mine.tolist()))
+                    dets = predictor.detect_tiles(view, grid, mine, partial & set(mine.tolist()))
                 except ImageReadError as e:
                     error = str(e)
                 gathered = comm.all_gather((dets, error))
@@ -135,7 +138,7 @@ def predict_images(
             if rank == 0:
                 merged = TileDetections.cat([d for d, _ in gathered])
                 merged.num_skipped = len(grid) - len(run)
-                result = predictor.merge_tiles(reader, grid, merged)
+                result = predictor.to_source(predictor.merge_tiles(view, grid, merged), reader, back)
             yield ImagePrediction(path, reader, result, tiles_run=dets.num_run)
         finally:
             if reader is not None:

@@ -4,7 +4,15 @@ TIFF / GeoTIFF go through rasterio: each window is read on its own, so memory fo
 of tiles, not the image (a 20k x 20k orthomosaic is never loaded whole), and the CRS and affine
 transform come with it. PNG / JPEG have no windowed decoder in OpenCV or Pillow; they are decoded
 whole (they are rarely large) with ``cv2.imread``.
+
+Ground resolution: :meth:`WindowReader.resampled` gives a view of the image at another pixel
+size, read window by window: rasterio's resampled window reads (``read(window=..., out_shape=...,
+resampling=...)``, average when shrinking, bilinear when enlarging) for TIFF, so memory stays
+flat; one ``cv2.resize`` of the decoded image (INTER_AREA / INTER_LINEAR) otherwise.
+:func:`image_gsd` reads a GeoTIFF's metres per pixel from its transform and CRS units, and
+:func:`resample_scale` turns it and the model's ``INPUT.GSD`` into the resampling factor.
 """
+import math
 import logging
 import os
 import warnings
@@ -14,7 +22,14 @@ import numpy as np
 
 from ..data.formats import IMAGE_EXTENSIONS  # the project's one list of image extensions
 
-__all__ = ["ImageReadError", "WindowReader", "open_image", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "WindowReader",
+    "image_gsd",
+    "open_image",
+    "resample_scale",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +65,17 @@ class WindowReader:
         """(h, w) bool, True where the window holds data; None when ``has_mask`` is False."""
         return None
 
+    def resampled(self, height: int, width: int) -> "WindowReader":
+        """This image seen at ``height`` x ``width`` pixels (windows in those pixels). The
+        default decodes the image once and resizes it whole (in-memory readers)."""
+        import cv2
+
+        rgb = self.read(0, 0, self.width, self.height)
+        shrink = height * width < self.height * self.width
+        resized = cv2.resize(np.ascontiguousarray(rgb), (width, height),
+                             interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+        return _ArrayView(resized, self.path)
+
     def close(self) -> None:
         pass
 
@@ -58,6 +84,15 @@ class WindowReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _ArrayView(WindowReader):
+    def __init__(self, rgb: np.ndarray, path: str):
+        self.path, self._rgb = path, rgb
+        self.height, self.width = rgb.shape[:2]
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        return self._rgb[y0:y1, x0:x1]
 
 
 class _Cv2Reader(WindowReader):
@@ -172,11 +207,89 @@ class _RasterioReader(WindowReader):
             raise ImageReadError(f"{self.path}: mask of window {(x0, y0, x1, y1)} cannot be read ({e})") from e
         return mask > 0
 
+    def resampled(self, height: int, width: int) -> WindowReader:
+        return _RasterioResampled(self, height, width)
+
+    def read_resampled(self, window, out_hw) -> np.ndarray:
+        """Source window (x0, y0, x1, y1) in (fractional) source pixels, read at ``out_hw``."""
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioIOError
+        from rasterio.windows import Window
+
+        x0, y0, x1, y1 = window
+        out_h, out_w = out_hw
+        shrink = out_h * out_w < (y1 - y0) * (x1 - x0)
+        try:
+            bands = self._src.read(
+                self._bands, window=Window(x0, y0, x1 - x0, y1 - y0),
+                out_shape=(len(self._bands), out_h, out_w),
+                resampling=Resampling.average if shrink else Resampling.bilinear,
+            )
+        except RasterioIOError as e:
+            raise ImageReadError(f"{self.path}: window {tuple(window)} cannot be read ({e})") from e
+        return np.ascontiguousarray(bands.transpose(1, 2, 0))
+
     def close(self) -> None:
         if self._src is not None:
             self._src.close()
             self._src = None
             self._env.__exit__(None, None, None)
+
+
+class _RasterioResampled(WindowReader):
+    """A rasterio image at another pixel size: each window a resampled window read."""
+
+    def __init__(self, source: _RasterioReader, height: int, width: int):
+        self.source, self.path = source, source.path
+        self.height, self.width = int(height), int(width)
+        self._fx, self._fy = source.width / self.width, source.height / self.height
+
+    def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
+        window = (x0 * self._fx, y0 * self._fy, x1 * self._fx, y1 * self._fy)
+        return self.source.read_resampled(window, (y1 - y0, x1 - x0))
+
+
+def image_gsd(reader: WindowReader) -> Optional[float]:
+    """Metres per pixel of a geo-referenced image (the mean of the transform's pixel width and
+    height, in the CRS's linear unit converted to metres), or None without a CRS. A geographic
+    CRS (degrees) raises: its pixels have no metric size."""
+    crs, transform = reader.crs, reader.transform
+    if crs is None or transform is None:
+        return None
+    if crs.is_geographic:
+        raise ImageReadError(
+            f"{reader.path}: its CRS {crs.to_string()} is geographic (degrees), so its pixels have "
+            "no size in metres for the model's INPUT.GSD; reproject it to a metric CRS first, e.g. "
+            "gdalwarp -t_srs EPSG:32612 in.tif out.tif (the UTM zone of the area), or give --gsd"
+        )
+    unit, factor = crs.linear_units_factor
+    size = math.sqrt(abs(transform.a * transform.e - transform.b * transform.d)) * factor
+    logger.info("%s: %.4g m per pixel (transform, CRS unit %s)", reader.path, size, unit)
+    return size
+
+
+def resample_scale(
+    reader: WindowReader, model_gsd: float, gsd: Optional[float] = None
+) -> float:
+    """Factor by which to resize ``reader``'s image to the model's ground resolution
+    (``image GSD / INPUT.GSD``; 1.0 when either is unknown). ``gsd`` (``--gsd``, metres per
+    pixel) replaces the GeoTIFF's; refused when <= 0, or when the model's GSD is unknown."""
+    if model_gsd < 0:
+        raise ValueError(f"INPUT.GSD={model_gsd} must be > 0 (metres per pixel), or 0 for unknown")
+    if gsd is not None:
+        if not gsd > 0:
+            raise ValueError(f"--gsd {gsd} must be > 0 (metres per pixel of the input image)")
+        if model_gsd == 0:
+            raise ValueError(
+                f"--gsd {gsd}: the model's ground resolution INPUT.GSD is 0 (unknown), so there "
+                "is nothing to resample to; set INPUT.GSD to the metres per pixel it was trained at"
+            )
+    if model_gsd == 0:
+        return 1.0
+    source = gsd if gsd is not None else image_gsd(reader)
+    if source is None:
+        return 1.0
+    return source / model_gsd
 
 
 def open_image(path: str, cache_mb: int = 256) -> WindowReader:

@@ -19,7 +19,7 @@ from .backends import build_backend
 from .forward import PRECISIONS, prepare_model
 from .merge import merge_detections
 from .nodata import NodataFilter, check_nodata_value
-from .reader import WindowReader, open_image
+from .reader import WindowReader, open_image, resample_scale
 from .tile_detections import TileDetections
 
 __all__ = ["TiledPredictor", "TiledResult", "ArrayReader", "PRECISIONS", "DEVICE_DEFAULTS",
@@ -100,6 +100,8 @@ class TiledPredictor:
         backend: str = "torch",
         skip_nodata: bool = True,
         nodata: Optional[float] = None,
+        model_gsd: float = 0.0,
+        resample: bool = True,
     ):
         """
         Args:
@@ -118,6 +120,9 @@ class TiledPredictor:
             skip_nodata: skip tiles with no valid pixel and drop boxes centred on nodata
                 (:mod:`.nodata`: the image's nodata value, alpha band or mask).
             nodata: a pixel value (all bands) that also means "no data" (``--nodata``).
+            model_gsd: metres per pixel the model was trained at (``INPUT.GSD``; 0: unknown).
+            resample: read each image resampled to ``model_gsd`` when its own GSD is known (a
+                GeoTIFF's transform, or ``gsd`` of :meth:`__call__`); boxes are mapped back.
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: the tiled predictor takes RGB or BGR")
@@ -152,6 +157,9 @@ class TiledPredictor:
             self._thresholds["score_thresh"] = float(score_thresh)
         self.precision, self.channels_last = precision, bool(channels_last)
         self.edge_margin = float(edge_margin)
+        if not model_gsd >= 0:
+            raise ValueError(f"INPUT.GSD={model_gsd} must be > 0 (metres per pixel), or 0 for unknown")
+        self.model_gsd, self.resample = float(model_gsd), bool(resample)
         self.skip_nodata, self.nodata = bool(skip_nodata), nodata
         if nodata is not None and not skip_nodata:
             raise ValueError("--nodata needs the nodata skip (drop --no-skip-nodata)")
@@ -179,6 +187,7 @@ class TiledPredictor:
             "input_format": cfg.INPUT.FORMAT,
             "patch_size": patch,
             "overlap": patch // 4 if overlap is None else overlap,
+            "model_gsd": float(cfg.INPUT.get("GSD", 0.0)),
             **{k: v for k, v in kwargs.items() if v is not None},
         }
 
@@ -219,18 +228,20 @@ class TiledPredictor:
             yield chunk, [reader.read(*(int(v) for v in w)) for w in chunk]
 
     def __call__(
-        self, image: Union[str, np.ndarray, WindowReader], windows: Optional[np.ndarray] = None
+        self, image: Union[str, np.ndarray, WindowReader], windows: Optional[np.ndarray] = None,
+        gsd: Optional[float] = None,
     ) -> TiledResult:
         """Detections of a whole image: a path (read window by window), an (H, W, 3) uint8 RGB
         array, or an open :class:`WindowReader`. ``windows`` (T, 4) XYXY replaces the grid of
         :func:`.grid.tile_windows` (e.g. SAHI's slices, for comparisons); it must be a product of
-        columns and rows, as the seam rule assumes."""
+        columns and rows, as the seam rule assumes (in the pixels of the resampled image).
+        ``gsd``: the image's metres per pixel (a plain image; replaces a GeoTIFF's)."""
         if isinstance(image, str):
             with open_image(image) as reader:
-                return self._predict(reader, windows)
+                return self._predict(reader, windows, gsd)
         if isinstance(image, np.ndarray):
             image = ArrayReader(image)
-        return self._predict(image, windows)
+        return self._predict(image, windows, gsd)
 
     def grid(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> np.ndarray:
         """(T, 4) int XYXY: the tiles of ``reader`` (or ``windows``, checked for shape)."""
@@ -238,9 +249,36 @@ class TiledPredictor:
             return tile_windows((reader.height, reader.width), self.patch_size, self.overlap)
         return np.asarray(windows, dtype=np.int64).reshape(-1, 4)
 
-    def _predict(self, reader: WindowReader, windows: Optional[np.ndarray] = None) -> TiledResult:
+    def at_model_gsd(self, source: WindowReader, gsd: Optional[float] = None) -> Tuple[WindowReader, Tensor]:
+        """``source`` seen at the model's ground resolution (:func:`.reader.resample_scale`;
+        itself when the scales agree or ``resample`` is off) and the (4,) XYXY factors that map
+        its boxes back to the source's pixels."""
+        scale = resample_scale(source, self.model_gsd, gsd) if self.resample else 1.0
+        if abs(scale - 1.0) <= 1e-3:
+            return source, torch.ones(4)
+        size = (max(1, round(source.height * scale)), max(1, round(source.width * scale)))
+        back = torch.tensor([source.width / size[1], source.height / size[0]] * 2)
+        return source.resampled(*size), back
+
+    def _predict(
+        self, source: WindowReader, windows: Optional[np.ndarray] = None, gsd: Optional[float] = None
+    ) -> TiledResult:
+        reader, back = self.at_model_gsd(source, gsd)
         grid = self.grid(reader, windows)
-        return self.merge_tiles(reader, grid, self.detect_tiles(reader, grid))
+        result = self.merge_tiles(reader, grid, self.detect_tiles(reader, grid))
+        return self.to_source(result, source, back)
+
+    @staticmethod
+    def to_source(result: TiledResult, source: WindowReader, back: Tensor) -> TiledResult:
+        """``result`` of the resampled view of :meth:`at_model_gsd`, in ``source``'s pixels."""
+        inst = result.instances
+        if tuple(inst.image_size) == (source.height, source.width) and bool((back == 1).all()):
+            return result
+        mapped = Instances((source.height, source.width))
+        mapped.pred_boxes = Boxes(inst.pred_boxes.tensor * back)
+        mapped.scores, mapped.pred_classes = inst.scores, inst.pred_classes
+        result.instances = mapped
+        return result
 
     def detect_tiles(
         self, reader: WindowReader, grid: np.ndarray, ids: Optional[np.ndarray] = None,
