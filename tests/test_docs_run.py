@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -79,10 +80,11 @@ class Block:
 def doc_blocks(path: str) -> List[Block]:
     text = open(path, encoding="utf-8").read()
     found = []
-    for m in re.finditer(r"^```(bash|python)\n(.*?)^```", text, flags=re.S | re.M):
+    for m in re.finditer(r"^( *)```(bash|python)\n(.*?)^ *```", text, flags=re.S | re.M):
         before = [line.strip() for line in text[: m.start()].splitlines() if line.strip()]
         marker = before[-1] if before and (NOT_RUN.match(before[-1]) or RUN_BY.match(before[-1])) else ""
-        found.append(Block(path, text[: m.start()].count("\n") + 1, m.group(1), m.group(2), marker))
+        code = textwrap.dedent(m.group(3))
+        found.append(Block(path, text[: m.start()].count("\n") + 1, m.group(2), code, marker))
     return found
 
 
