@@ -1,26 +1,18 @@
 """The user documentation holds: every relative link of README.md and docs/ resolves (files and
 ``#anchors``), every command the README shows parses with its script's own argument parser (and
-config overrides with the config), and the FAQ's onnxruntime example runs on an exported model."""
+config overrides with the config). The blocks themselves run in test_docs_run.py; the FAQ's
+onnxruntime recipe in test_export_recipe.py."""
 
 import importlib.util
 import os
 import re
 import shlex
-import subprocess
 import sys
 from typing import Dict, List, Tuple
 
-import cv2
-import numpy as np
 import pytest
-import torch
-from torch import nn
 
-from detectron2.modeling import build_model
-
-from gfocal.model_io.export import export_onnx
-
-from conftest import REPO_ROOT, tiny_cfg
+from conftest import REPO_ROOT
 
 DOCS = [os.path.join(REPO_ROOT, "README.md")] + sorted(
     os.path.join(REPO_ROOT, "docs", f)
@@ -158,37 +150,3 @@ def _d2_args(argv):
     from gfocal.data.register import add_dataset_arguments
 
     return add_dataset_arguments(default_argument_parser()).parse_args(argv)
-
-
-def faq_onnx_example() -> str:
-    text = open(os.path.join(REPO_ROOT, "docs", "faq.md"), encoding="utf-8").read()
-    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "onnxruntime" in b]
-    assert len(blocks) == 1, "docs/faq.md should hold one onnxruntime example"
-    return blocks[0]
-
-
-def test_faq_onnx_example_runs(tmp_path):
-    torch.manual_seed(0)
-    cfg = tiny_cfg()
-    model = build_model(cfg).eval()
-    with torch.no_grad():
-        nn.init.normal_(model.head.cls_score.weight, std=0.02)
-        nn.init.constant_(model.head.cls_score.bias, 0.5)  # many scores above the example's 0.3
-    g = torch.Generator().manual_seed(1)
-    bgr = torch.randint(0, 256, (96, 128, 3), generator=g, dtype=torch.uint8).numpy()
-    image_path, out_path, model_path = tmp_path / "in.png", tmp_path / "out.png", tmp_path / "m.onnx"
-    cv2.imwrite(str(image_path), bgr)
-    export_onnx(model, torch.as_tensor(bgr.astype(np.float32).transpose(2, 0, 1)), str(model_path))
-    script = tmp_path / "run_onnx.py"
-    script.write_text(faq_onnx_example())
-    done = subprocess.run(
-        [sys.executable, str(script), str(model_path), str(image_path), str(out_path), "96"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stderr
-    count = int(re.search(r"^(\d+) boxes", done.stdout, flags=re.M).group(1))
-    with torch.no_grad():
-        scores = model([{"image": torch.as_tensor(bgr.astype(np.float32).transpose(2, 0, 1))}])[0]["instances"].scores
-    assert count == int((scores >= 0.3).sum()) > 0
-    drawn = cv2.imread(str(out_path))
-    assert drawn.shape == bgr.shape and (drawn != bgr).any(), "no box was drawn"

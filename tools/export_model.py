@@ -13,6 +13,9 @@ top detections. The exported model takes one (3, H, W) float image in the config
 returns ``boxes (K, 4), classes (K,), scores (K,)``. Height and width may differ from the sample's.
 The exported weights are the evaluated ones (``gfocal/model_io/weights.py``: the EMA averages
 with ``MODEL_EMA.ENABLED`` and ``USE_EMA_WEIGHTS_FOR_EVAL_ONLY``, else the raw weights).
+
+``INPUT.FORMAT`` and the test sizes are written beside the model (``model.json``) and into the
+ONNX file's metadata, so that a runtime feeds the right channel order and size (docs/faq.md).
 After export, the exported model is run on the sample image and its detections are compared with
 eager PyTorch's (``--atol``); the command fails if they differ more.
 """
@@ -30,7 +33,13 @@ from detectron2.utils.logger import setup_logger
 
 import gfocal  # noqa: F401  (registers GFL)
 from gfocal import load_config
-from gfocal.model_io.export import compare_detections, export_onnx, export_torchscript
+from gfocal.model_io.export import (
+    compare_detections,
+    export_metadata,
+    export_onnx,
+    export_torchscript,
+    write_metadata,
+)
 from gfocal.model_io.weights import load_evaluated_weights
 
 logger = logging.getLogger("gfocal.model_io.export")
@@ -54,8 +63,10 @@ def parse_args(argv=None):
         default="",
         help="image to trace with (default: random, --height x --width)",
     )
-    p.add_argument("--height", type=int, default=800, help="random sample image height")
-    p.add_argument("--width", type=int, default=1333, help="random sample image width")
+    p.add_argument("--height", type=int, default=0,
+                   help="random sample image height (default: the config's INPUT.MIN_SIZE_TEST)")
+    p.add_argument("--width", type=int, default=0,
+                   help="random sample image width (default: the config's INPUT.MIN_SIZE_TEST)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
     p.add_argument(
         "--static-size", action="store_true", help="ONNX: fix the input height and width"
@@ -78,7 +89,9 @@ def sample_image(cfg, args) -> torch.Tensor:
     """The sample image as the exported model expects it: (3, H, W) float, resized for testing."""
     if not args.sample_image:
         g = torch.Generator().manual_seed(0)
-        return torch.randint(0, 256, (3, args.height, args.width), generator=g).float()
+        size = int(export_metadata(cfg)["min_size_test"])
+        shape = (3, args.height or size, args.width or size)
+        return torch.randint(0, 256, shape, generator=g).float()
     if not os.path.isfile(args.sample_image):
         raise SystemExit(f"--sample-image {args.sample_image}: no such file")
     image = detection_utils.read_image(args.sample_image, format=cfg.INPUT.FORMAT)
@@ -111,18 +124,29 @@ def main(argv=None) -> dict:
     model.eval()
     image = sample_image(cfg, args).to(model.device)
 
+    with torch.no_grad():
+        instances = model([{"image": image}])[0]["instances"]
+    if len(instances) == 0:
+        # Traced without a single candidate box, the graph keeps empty shapes as constants and
+        # fails (or is wrong) on images that have some.
+        raise SystemExit(
+            "the sample image gives no detection above MODEL.GFL.SCORE_THRESH_TEST "
+            f"({cfg.MODEL.GFL.SCORE_THRESH_TEST}): the model cannot be traced on it; give a "
+            "--sample-image with objects the model finds (or check MODEL.WEIGHTS)"
+        )
     name = "model.ts" if args.format == "torchscript" else "model.onnx"
     path = os.path.join(args.output, name)
+    metadata = export_metadata(cfg)
     if args.format == "torchscript":
         export_torchscript(model, image, path)
+        write_metadata(path, metadata)
     else:
-        export_onnx(model, image, path, opset=args.opset, dynamic_size=not args.static_size)
-    logger.info("exported %s", path)
+        export_onnx(model, image, path, opset=args.opset, dynamic_size=not args.static_size,
+                    metadata=metadata)
+    logger.info("exported %s (input %s)", path, metadata)
     if args.no_check:
         return {"path": path}
 
-    with torch.no_grad():
-        instances = model([{"image": image}])[0]["instances"]
     eager = (instances.pred_boxes.tensor, instances.pred_classes, instances.scores)
     diff = compare_detections(eager, run_exported(args.format, path, image.cpu()))
     logger.info("exported vs eager on the sample image: %s", diff)

@@ -1,17 +1,23 @@
 """Export a GFL model to TorchScript (tracing) and ONNX through detectron2's TracingAdapter, and
-compare exported detections with eager ones."""
+compare exported detections with eager ones. The input a runtime must feed the exported model
+(channel order, test resize) is written beside it (``model.json``) and, for ONNX, into the
+model's metadata (``export_metadata``)."""
 
 import importlib
+import json
 import os
 import sys
 import types
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["tracing_adapter", "export_torchscript", "export_onnx", "compare_detections"]
+__all__ = [
+    "tracing_adapter", "export_torchscript", "export_onnx", "compare_detections",
+    "export_metadata", "write_metadata",
+]
 
 # Names of the outputs of the exported model, in order.
 OUTPUT_NAMES = ("boxes", "classes", "scores")
@@ -68,12 +74,47 @@ def export_torchscript(model: nn.Module, image: Tensor, path: str) -> torch.jit.
     return traced
 
 
+def export_metadata(cfg) -> Dict[str, str]:
+    """What feeds the exported model right: the config's ``INPUT.FORMAT`` (channel order of the
+    (3, H, W) input, 0-255) and its test resize (``INPUT.MIN_SIZE_TEST`` / ``MAX_SIZE_TEST``:
+    shortest edge to min, longest at most max, as detectron2's ``ResizeShortestEdge``)."""
+    min_size = cfg.INPUT.MIN_SIZE_TEST
+    if isinstance(min_size, (list, tuple)):
+        min_size = min_size[0]
+    return {
+        "input_format": str(cfg.INPUT.FORMAT),
+        "min_size_test": str(int(min_size)),
+        "max_size_test": str(int(cfg.INPUT.MAX_SIZE_TEST)),
+    }
+
+
+def write_metadata(path: str, metadata: Dict[str, str]) -> str:
+    """Write ``metadata`` beside the exported model ``path`` (``<folder>/model.json``) and, for an
+    ``.onnx`` file, into its ``metadata_props`` (onnxruntime:
+    ``session.get_modelmeta().custom_metadata_map``). Returns the JSON path."""
+    if path.endswith(".onnx"):
+        import onnx
+
+        proto = onnx.load(path)
+        del proto.metadata_props[:]
+        for key, value in sorted(metadata.items()):
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.save(proto, path)
+    json_path = os.path.join(os.path.dirname(os.path.abspath(path)), "model.json")
+    with open(json_path, "w") as f:
+        json.dump(dict(metadata, model=os.path.basename(path)), f, indent=1)
+    return json_path
+
+
 def export_onnx(
-    model: nn.Module, image: Tensor, path: str, opset: int = 17, dynamic_size: bool = True
+    model: nn.Module, image: Tensor, path: str, opset: int = 17, dynamic_size: bool = True,
+    metadata: Optional[Dict[str, str]] = None,
 ) -> None:
     """Export ``model`` traced on ``image`` to ONNX at ``path`` (TorchScript-based exporter;
     torchvision registers NMS as ONNX ``NonMaxSuppression``). With ``dynamic_size`` the image
-    height and width are dynamic axes."""
+    height and width are dynamic axes; ``metadata`` (``export_metadata(cfg)``) is written into
+    the model and beside it."""
     adapter = tracing_adapter(model, image)
     _makedirs(path)
     dynamic_axes = {"image": {1: "height", 2: "width"}} if dynamic_size else None
@@ -88,6 +129,8 @@ def export_onnx(
             output_names=list(OUTPUT_NAMES),
             dynamic_axes=dynamic_axes,
         )
+    if metadata:
+        write_metadata(path, metadata)
 
 
 def compare_detections(

@@ -1,0 +1,253 @@
+"""Executed docs: every ```bash and ```python block of README.md and docs/*.md runs, or carries a
+visible marker that says why it cannot run here.
+
+- Markers, on the line just before the block: ``*Not run by the docs test: needs ...*`` (the
+  reason names what this machine cannot have: GPUs, COCO, a download or network, your own
+  environment), or ``*Run by `tests/test_x.py` ...*`` (a test that runs the block with
+  arguments it needs).
+- The other blocks run, in document order, in one workspace (a folder with the repository's
+  files linked in, small input files named as the docs name them, and ``output/``), through the
+  smoke mode of ``tests/docs_smoke.py``: its ``.venv/bin/python`` appends or replaces arguments so
+  that training runs 2 iterations at 128 px, sweeps run their first value and benchmarks one
+  small round. A block passes when it exits 0 and every ``output/...`` path it names exists
+  afterwards (plus the files listed in ``WRITES`` for the commands whose docs list their
+  outputs).
+- Python blocks run with ``bgr_image`` (an (H, W, 3) uint8 BGR image) and ``cfg`` (the tree
+  config) defined, the names the docs use for "your image" and "a yacs GFL config".
+- A command line (bash, without ``$``) that an earlier block already ran is not run again.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import pytest
+
+from conftest import REPO_ROOT
+
+DOCS = [os.path.join(REPO_ROOT, "README.md")] + sorted(
+    glob.glob(os.path.join(REPO_ROOT, "docs", "*.md"))
+)
+NOT_RUN = re.compile(r"^\*Not run by the docs test: (?P<reason>.+)\*$")
+RUN_BY = re.compile(r"^\*Run by `(?P<path>[^`]+)`.*\*$")
+# What a "not run" marker may give as its reason: what this machine cannot have.
+NOT_RUN_REASONS = ("GPU", "COCO", "download", "network", "your own")
+# Files a command's docs say it writes (beyond the output/ paths the block names itself).
+WRITES = {
+    "tools/main_job.py": ["output/main_job/train/model_final.pth", "output/main_job/train/metrics.json",
+                          "output/main_job/summary.json", "output/main_job/vis/*.png"],
+    "tools/predict.py --config-file configs/trees/gfl_lite0_trees.yaml \\\n    --weights output/main_job":
+        ["output/predict/detections.csv", "output/predict/coco_results.json",
+         "output/predict/coco_images.json", "output/predict/orthomosaic.geojson",
+         "output/predict/*_drawing.png"],
+    "--format onnx \\\n    --output output/export": ["output/export/model.onnx", "output/export/model.json"],
+    "--output output/analysis/mine": ["output/analysis/mine/report.json",
+                                      "output/analysis/mine/distances.png"],
+}
+PYTHON_PRELUDE = """\
+import cv2
+from detectron2.config import get_cfg
+from gfocal import add_gfl_config
+bgr_image = cv2.imread("photo.jpg")
+cfg = get_cfg()
+add_gfl_config(cfg)
+cfg.merge_from_file("configs/trees/gfl_lite0_trees.yaml")
+"""
+LINKED = ("configs", "tools", "benchmarks", "projects", "notebooks", "tests", "docs", "README.md",
+          "train_net.py", "lazyconfig_train_net.py", "requirements.txt", "requirements-mmdet.txt",
+          "setup.cfg", "pyproject.toml", ".git")
+
+
+@dataclass
+class Block:
+    path: str
+    line: int
+    lang: str
+    code: str
+    marker: str  # the marker line, or ""
+
+    @property
+    def id(self) -> str:
+        return f"{os.path.relpath(self.path, REPO_ROOT)}:{self.line}"
+
+
+def doc_blocks(path: str) -> List[Block]:
+    text = open(path, encoding="utf-8").read()
+    found = []
+    for m in re.finditer(r"^( *)```(bash|python)\n(.*?)^ *```", text, flags=re.S | re.M):
+        before = [line.strip() for line in text[: m.start()].splitlines() if line.strip()]
+        marker = before[-1] if before and (NOT_RUN.match(before[-1]) or RUN_BY.match(before[-1])) else ""
+        code = textwrap.dedent(m.group(3))
+        found.append(Block(path, text[: m.start()].count("\n") + 1, m.group(2), code, marker))
+    return found
+
+
+ALL_BLOCKS = [b for path in DOCS for b in doc_blocks(path)]
+RUN_BLOCKS = [b for b in ALL_BLOCKS if not b.marker]
+
+
+def test_every_block_is_run_or_marked_with_a_reason():
+    assert len(ALL_BLOCKS) > 40 and len(RUN_BLOCKS) > 25, (len(ALL_BLOCKS), len(RUN_BLOCKS))
+    bad = []
+    for b in ALL_BLOCKS:
+        not_run, run_by = NOT_RUN.match(b.marker), RUN_BY.match(b.marker)
+        if not_run and not any(r in not_run.group("reason") for r in NOT_RUN_REASONS):
+            bad.append(f"{b.id}: a 'not run' reason names none of {NOT_RUN_REASONS}: {b.marker}")
+        if run_by and not os.path.isfile(os.path.join(REPO_ROOT, run_by.group("path").split("::")[0])):
+            bad.append(f"{b.id}: {b.marker} names no file of the repository")
+    assert not bad, "\n".join(bad)
+
+
+def test_marker_rule_recognises_both_markers():
+    assert NOT_RUN.match("*Not run by the docs test: needs COCO and 8 GPUs.*")
+    assert RUN_BY.match("*Run by `tests/test_export.py` with a model and an image.*")
+    assert not NOT_RUN.match("Not run: needs COCO")  # must be the visible italic line
+
+
+def test_smoke_rules_rewrite_as_documented():
+    from docs_smoke import smoke_argv
+
+    argv = smoke_argv("tools/run_ablation.py", ["--lrs", "0.01", "0.02", "--seeds", "0", "1", "2",
+                                                "SOLVER.MAX_ITER", "300"])
+    assert argv[:2] == ["--variants", "gfl"]
+    assert argv[2:6] == ["--lrs", "0.01", "--seeds", "0"] and argv[6:8] == ["SOLVER.MAX_ITER", "300"]
+    assert argv[argv.index("SOLVER.MAX_ITER", 7) + 1] == "2"  # appended after: the smoke value wins
+    train = smoke_argv("train_net.py", ["--config-file", "c.yaml", "MODEL.WEIGHTS", "w.pth"])
+    assert train.count("MODEL.WEIGHTS") == 1
+    assert smoke_argv("train_net.py", ["--config-file", "c.yaml"])[-2:] == ["MODEL.WEIGHTS", ""]
+    assert smoke_argv("tools/unknown.py", ["--x", "1"]) == ["--x", "1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The workspace and the runner
+
+
+def _write_fixtures(ws: str) -> None:
+    """The input files the docs name: data/ (a 3-class VOC folder and a COCO JSON of deepforest's
+    images), photo.jpg, photos/, orthomosaic.tif (a GeoTIFF), the smoke tree-crown tiles."""
+    import cv2
+
+    from gfocal.data.formats import load_voc_folder
+    from gfocal.data.tree_crowns import TileSpec, build_tree_crowns, deepforest_data_dir
+
+    source = deepforest_data_dir()
+    for sub in ("data/train_xml", "data/images", "photos", "output"):
+        os.makedirs(os.path.join(ws, sub), exist_ok=True)
+    for stem in ("OSBS_029", "SOAP_061"):
+        shutil.copy(os.path.join(source, stem + ".xml"), os.path.join(ws, "data/train_xml"))
+        shutil.copy(os.path.join(source, stem + ".png"), os.path.join(ws, "data/images"))
+    records, classes = load_voc_folder(os.path.join(ws, "data/train_xml"), os.path.join(ws, "data/images"))
+    coco = {"images": [], "annotations": [],
+            "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
+    for i, r in enumerate(records):
+        coco["images"].append({"id": i + 1, "file_name": os.path.basename(r["file_name"]),
+                               "height": r["height"], "width": r["width"]})
+        for a in r["annotations"]:
+            x0, y0, x1, y1 = a["bbox"]
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": i + 1,
+                                        "category_id": a["category_id"] + 1, "iscrowd": 0,
+                                        "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
+    with open(os.path.join(ws, "data/val.json"), "w") as f:
+        json.dump(coco, f)
+    image = cv2.imread(os.path.join(source, "OSBS_029.png"))
+    cv2.imwrite(os.path.join(ws, "photo.jpg"), image)
+    cv2.imwrite(os.path.join(ws, "photos", "OSBS_029.jpg"), image)
+    shutil.copy(os.path.join(source, "OSBS_029.tif"), os.path.join(ws, "orthomosaic.tif"))
+    from docs_smoke import SMOKE_TILE_SIZE
+
+    build_tree_crowns(root=os.path.join(ws, "datasets", "neon_trees"),
+                      spec=TileSpec(tile_size=SMOKE_TILE_SIZE))
+
+
+class Runner:
+    def __init__(self, ws: str):
+        self.ws = ws
+        self.ran_lines: set = set()
+        self.results: Dict[str, subprocess.CompletedProcess] = {}
+        shim_dir = os.path.join(ws, ".venv", "bin")
+        os.makedirs(shim_dir, exist_ok=True)
+        for name in ("python", "python3"):
+            shim = os.path.join(shim_dir, name)
+            with open(shim, "w") as f:
+                f.write(f'#!/bin/sh\nexec "{sys.executable}" "{os.path.join(REPO_ROOT, "tests", "docs_smoke.py")}" "$@"\n')
+            os.chmod(shim, 0o755)
+        pythonpath = os.path.join(REPO_ROOT, "projects", "GFocal")
+        self.env = dict(
+            os.environ,
+            PATH=shim_dir + os.pathsep + os.environ.get("PATH", ""),
+            GFOCAL_DOCS_REAL_PYTHON=sys.executable,
+            DETECTRON2_DATASETS=os.path.join(ws, "datasets"),
+            PYTHONPATH=pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            PYTHONWARNINGS="ignore",
+        )
+        self.env.pop("GFOCAL_SIMULATE_UPSTREAM_NO_OPS", None)
+
+    def script(self, block: Block) -> List[str]:
+        if block.lang == "python":
+            return [".venv/bin/python", "-c", PYTHON_PRELUDE + block.code]
+        lines = []
+        for line in block.code.replace("\\\n", " ").splitlines():
+            command = line.split("  #")[0].strip()
+            if command and "$" not in command and command in self.ran_lines:
+                lines.append(f": already run by an earlier block: {command[:60]}")
+            else:
+                lines.append(line)
+        return ["bash", "-euo", "pipefail", "-c", "\n".join(lines)]
+
+    def run(self, block: Block) -> subprocess.CompletedProcess:
+        if block.id in self.results:
+            return self.results[block.id]
+        done = subprocess.run(self.script(block), cwd=self.ws, env=self.env, capture_output=True,
+                              text=True, timeout=1200)
+        self.results[block.id] = done
+        if done.returncode == 0 and block.lang == "bash":
+            for line in block.code.replace("\\\n", " ").splitlines():
+                self.ran_lines.add(line.split("  #")[0].strip())
+        return done
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory):
+    ws = os.environ.get("GFOCAL_DOCS_WORKSPACE") or str(tmp_path_factory.mktemp("docs_workspace"))
+    if os.path.isdir(ws):  # a kept workspace (GFOCAL_DOCS_WORKSPACE) starts again from nothing
+        shutil.rmtree(ws)
+    os.makedirs(ws)
+    for name in LINKED:
+        if os.path.exists(os.path.join(REPO_ROOT, name)):
+            os.symlink(os.path.join(REPO_ROOT, name), os.path.join(ws, name))
+    _write_fixtures(ws)
+    r = Runner(ws)
+    first = RUN_BLOCKS[0]  # the README's first command: the main job, whose model later blocks use
+    assert "tools/main_job.py" in first.code, first.id
+    done = r.run(first)
+    assert done.returncode == 0, _tail(done)
+    os.symlink(os.path.join(ws, "output/main_job/train/model_final.pth"), os.path.join(ws, "model_final.pth"))
+    return r
+
+
+def _tail(done: subprocess.CompletedProcess, n: int = 4000) -> str:
+    return f"exit {done.returncode}\n--- stdout\n{done.stdout[-n:]}\n--- stderr\n{done.stderr[-n:]}"
+
+
+def named_outputs(block: Block) -> List[str]:
+    paths = re.findall(r"(?<![\w/])output/[\w./-]*[\w/]", block.code)
+    for key, files in WRITES.items():
+        if key in block.code:
+            paths += files
+    return sorted(set(paths))
+
+
+@pytest.mark.trains_in_subprocess
+@pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.id)
+def test_documented_block_runs(block: Block, runner: Runner):
+    """The block exits 0 in smoke mode and every output path it names (or its docs list) exists."""
+    done = runner.run(block)
+    assert done.returncode == 0, f"{block.id}:\n{block.code}\n{_tail(done)}"
+    missing = [p for p in named_outputs(block) if not glob.glob(os.path.join(runner.ws, p))]
+    assert not missing, f"{block.id} ran but did not write {missing}\n{_tail(done)}"
