@@ -14,9 +14,8 @@ from gfocal.data.tree_crowns import (
     build_tree_crowns,
     deepforest_data_dir,
     read_voc_boxes,
-    tile_boxes,
-    tile_grid,
 )
+from gfocal.tiling import tile_boxes, tile_grid
 
 # Boxes in deepforest 2.1.0's VOC files.
 SOURCE_BOXES = {"train": 574, "val": 279}
@@ -53,7 +52,7 @@ def test_counts_and_boxes_inside_tiles(built, split):
     anns = list(coco.anns.values())
     assert len(anns) == boxes
     assert sum(a["iscrowd"] for a in anns) == crowd
-    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "Tree", "supercategory": "plant"}]
+    assert coco.loadCats(coco.getCatIds()) == [{"id": 1, "name": "Tree", "supercategory": "Tree"}]
     for a in anns:
         img = coco.imgs[a["image_id"]]
         x, y, w, h = a["bbox"]
@@ -105,7 +104,7 @@ def test_missing_manifest_means_rebuild(tmp_path):
     with open(os.path.join(root, "instances_val.json"), "w") as f:
         f.write("{}")  # a partial earlier build without manifest
     build_tree_crowns(root, TileSpec(tile_size=600, train_overlap=0))
-    assert os.path.isfile(os.path.join(root, "manifest.json"))
+    assert os.path.isfile(os.path.join(root, "instances_val.json.manifest"))
     assert len(_load(root, "val").imgs) == 6  # 1249 x 1035 in 600 px tiles: 3 x 2
 
 
@@ -154,18 +153,18 @@ def test_concurrent_builds_wait_for_each_other(tmp_path, monkeypatch):
     import threading
     import time
 
-    from gfocal.data import tree_crowns
+    from gfocal.data import tiles
 
     root = str(tmp_path / "trees")
     spec = TileSpec(tile_size=600, train_overlap=0)
-    original, builders, errors = tree_crowns._build, [], []
+    original, builders, errors = tiles._write, [], []
 
     def slow_build(*args):
         builders.append(threading.get_ident())
         time.sleep(0.5)  # both workers would be inside here at once without the lock
         return original(*args)
 
-    monkeypatch.setattr(tree_crowns, "_build", slow_build)
+    monkeypatch.setattr(tiles, "_write", slow_build)
 
     def build():
         try:
@@ -179,5 +178,5 @@ def test_concurrent_builds_wait_for_each_other(tmp_path, monkeypatch):
     for t in threads:
         t.join()
     assert not errors, errors
-    assert len(builders) == 1  # the second worker found the first one's build intact
+    assert len(builders) == 2  # one per split: the second worker found the first one's builds intact
     assert len(_load(root, "val").imgs) == 6
