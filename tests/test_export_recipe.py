@@ -125,8 +125,9 @@ def test_faq_recipe_matches_eager_detections(case, tmp_path):
     assert drawn.shape == bgr.shape and (drawn != bgr).any(), "no box was drawn"
 
     # Eager: detectron2's DefaultPredictor (its resize and channel order) with the same weights.
+    cfg.MODEL.WEIGHTS = str(weights)
     predictor = DefaultPredictor(cfg)
-    predictor.model = model
+    predictor.model = model  # the very module exported (DefaultPredictor loaded the same weights)
     with torch.no_grad():
         eager = predictor(bgr)["instances"]
     eager_keep = eager.scores >= SCORE
