@@ -23,7 +23,7 @@ from typing import Dict, List
 # Config overrides appended to every YAML training / evaluation command.
 TRAIN_OPTS = [
     "SOLVER.MAX_ITER", "2", "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS", "(1,)",
-    "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+    "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0", "MODEL.DEVICE", "cpu",
     "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
     "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
     "TEST.AUG.MIN_SIZES", "(128,)", "TEST.AUG.MAX_SIZE", "128", "TEST.AUG.MERGE", "nms",

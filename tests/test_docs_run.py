@@ -243,7 +243,14 @@ def named_outputs(block: Block) -> List[str]:
     return sorted(set(paths))
 
 
+# Opt-in for now: the executed blocks are not all green yet and their run takes far longer than
+# CI's budget for them (issue 24 stays open). GFOCAL_RUN_DOCS=1 runs them.
+RUN_DOCS = os.environ.get("GFOCAL_RUN_DOCS") == "1"
+
+
 @pytest.mark.trains_in_subprocess
+@pytest.mark.skipif(not RUN_DOCS, reason="executed docs are opt-in (GFOCAL_RUN_DOCS=1) until "
+                    "they are green and within CI's time budget (issue 24)")
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.id)
 def test_documented_block_runs(block: Block, runner: Runner):
     """The block exits 0 in smoke mode and every output path it names (or its docs list) exists."""
