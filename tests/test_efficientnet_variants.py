@@ -113,7 +113,7 @@ def test_lazy_config_variant_builds_what_the_yaml_builds():
 def test_feature_cache_with_a_larger_variant():
     plain = efficientnet_lite(variant="lite1", out_features=["c3", "c4", "c5"], freeze_at=5).eval()
     cached = efficientnet_lite(variant="lite1", out_features=["c3", "c4", "c5"], freeze_at=5,
-                               feature_cache_mb=50).eval()
+                               feature_cache_mb=50).train()  # the cache works in training mode only
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     want = plain(x)
     for _ in range(2):

@@ -208,6 +208,9 @@ def test_lazy_predictor_matches_default_predictor(tmp_path):
     cfg.MODEL.WEIGHTS = str(weights)
     cfg.MODEL.GFL.SCORE_THRESH_TEST = 0.0  # untrained: keep detections to compare
     lazy.model.test_score_thresh = 0.0
+    # A checkpoint without EMA weights: both predictors load its raw weights.
+    lazy.train.model_ema.enabled = False
+    lazy.train.model_ema.use_ema_weights_for_eval_only = False
     g = torch.Generator().manual_seed(1)
     image = (torch.rand(300, 360, 3, generator=g) * 255).byte().numpy()
     ours = DefaultPredictor(cfg)(image)["instances"]
