@@ -112,16 +112,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
 
-    from detectron2.config import get_cfg
-
-    from gfocal import add_gfl_config
+    from gfocal import load_config
     from gfocal.inference import TiledPredictor, open_image
 
     torch.set_num_threads(args.threads)
-    cfg = get_cfg()
-    add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(list(args.opts))
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.WEIGHTS, cfg.MODEL.DEVICE = args.weights, args.device
     if not args.weights and cfg.get("MODEL_EMA") is not None:
         cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = False  # random weights have no averages

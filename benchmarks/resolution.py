@@ -57,17 +57,13 @@ def write_scaled_geotiff(rgb, gsd: float, native_gsd: float, path: str):
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
     import numpy as np
-    from detectron2.config import get_cfg
 
     import gfocal
     from gfocal.evaluation.whole_image import evaluate_whole_images, tree_whole_images
     from gfocal.inference import TiledPredictor
     from gfocal.inference.reader import open_image
 
-    cfg = get_cfg()
-    gfocal.add_gfl_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = gfocal.load_config(args.config_file, args.opts)
     if not cfg.INPUT.GSD > 0:
         raise SystemExit(f"error: {args.config_file}: INPUT.GSD is {cfg.INPUT.GSD}; set the "
                          "model's training resolution")

@@ -287,10 +287,10 @@ SWEEP_VARIANTS = {
     "bf16_b8": dict(batch_size=8, precision="bf16"),
     "bf16_b1_channels_last": dict(batch_size=1, precision="bf16", channels_last=True),
     "bf16_b8_channels_last": dict(batch_size=8, precision="bf16", channels_last=True),
-    # The ONNX export has no distribution voting: these run (with their eager reference) without.
-    "fp32_b1_no_voting": dict(batch_size=1, no_voting=True),
-    "onnxruntime_b1": dict(batch_size=1, backend="onnxruntime", no_voting=True),
-    "openvino_b1": dict(batch_size=1, backend="openvino", no_voting=True),
+    # ONNX Runtime / OpenVINO run backbone and head; decoding, voting and NMS stay in PyTorch.
+    "onnxruntime_b1": dict(batch_size=1, backend="onnxruntime"),
+    "openvino_b1": dict(batch_size=1, backend="openvino"),
+    "openvino_bf16_b1": dict(batch_size=1, backend="openvino", precision="bf16"),
     "torch.compile_b1": dict(batch_size=1, compile=True),
 }
 
@@ -314,20 +314,15 @@ def sweep_section(args, cfg, image_rgb):
     if unknown:
         raise SystemExit(f"--sweep-variants {unknown}: choose from {list(SWEEP_VARIANTS)}")
     names = ["fp32_b1"] + [n for n in names if n != "fp32_b1"]
-    if any(SWEEP_VARIANTS[n].get("no_voting") for n in names) and "fp32_b1_no_voting" not in names:
-        names.insert(1, "fp32_b1_no_voting")
-    no_voting_cfg = cfg.clone()
-    no_voting_cfg.MODEL.GFL.BOX_VOTING.ENABLED = False
     grid = dict(patch_size=args.patch_size, overlap=args.overlap)
     predictors, failed = {}, {}
     warm = image_rgb[: args.patch_size, : args.patch_size]
     for name in names:
         options = dict(SWEEP_VARIANTS[name])
         compiled = options.pop("compile", False)
-        variant_cfg = no_voting_cfg if options.pop("no_voting", False) else cfg
         options = {"precision": "fp32", "channels_last": False, "backend": "torch", **options}
         try:
-            predictor = TiledPredictor(variant_cfg, **grid, **options)
+            predictor = TiledPredictor(cfg, **grid, **options)
             if compiled:
                 _compile(predictor)
             predictor.predict_tiles([warm] * predictor.batch_size)  # warm-up / compilation
@@ -348,7 +343,7 @@ def sweep_section(args, cfg, image_rgb):
               for name in predictors}
     for name in predictors:
         inst = outputs[name]
-        ref_name = "fp32_b1_no_voting" if SWEEP_VARIANTS[name].get("no_voting") else "fp32_b1"
+        ref_name = "fp32_b1"
         ref = outputs[ref_name]
         row = {"reference": ref_name, "median_s": median_of(results[name], "s"),
                "speedup_vs_fp32_b1": paired_ratio(results["fp32_b1"], results[name], "s"),
@@ -386,6 +381,9 @@ def profile_section(args, cfg, image_rgb):
                           ("default", {})):
         predictor = TiledPredictor(cfg, patch_size=args.patch_size, overlap=args.overlap, **options)
         model = predictor.model
+        # a runtime backend (onnxruntime, openvino) runs its own backbone and head
+        parts = getattr(predictor._backend, "modules", {})
+        backbone, head = parts.get("backbone", model.backbone), parts.get("head", model.head)
         grid = tile_windows(image_rgb.shape[:2], args.patch_size, args.overlap)
         times = {"backbone": [], "head": [], "decode_nms": []}
         boxes, scores, classes, wins = [], [], [], []
@@ -395,10 +393,10 @@ def profile_section(args, cfg, image_rgb):
                 images = model.preprocess_image(inputs)
                 with autocast(model, predictor.precision):
                     t0 = time.perf_counter()
-                    feats = model.backbone(images.tensor)
+                    feats = backbone(images.tensor)
                     feats = [feats[f] for f in model.head_in_features]
                     t1 = time.perf_counter()
-                    preds = model.head(feats)
+                    preds = head(feats)
                     t2 = time.perf_counter()
                     inst = model.forward_inference(images, feats, preds)[0]
                     t3 = time.perf_counter()
@@ -416,7 +414,8 @@ def profile_section(args, cfg, image_rgb):
         merge = time.perf_counter() - t0
         row = {k: statistics.median(v) * 1000 for k, v in times.items()}
         row["merge_per_tile"] = merge / len(grid) * 1000
-        row["settings"] = f"batch 1, {predictor.precision}, channels_last={predictor.channels_last}"
+        row["settings"] = (f"{predictor.backend_name}, batch {predictor.batch_size}, "
+                           f"{predictor.precision}, channels_last={predictor.channels_last}")
         out[name] = row
     return {"tiles": int(len(grid)), "ms_per_tile": out}
 

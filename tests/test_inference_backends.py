@@ -1,6 +1,7 @@
-"""Backends of the tiled predictor (gfocal/inference/backends.py): ONNX Runtime and OpenVINO on
-the ONNX export reproduce eager PyTorch's detections of the tree model in fp32 (>= 99% of the
-boxes matched at IoU 0.9, both ways), and bad choices get errors naming the flag."""
+"""Backends of the tiled predictor (gfocal/inference/backends.py): ONNX Runtime and OpenVINO,
+running the tree model's backbone and head, reproduce eager PyTorch's detections in fp32 (>= 99%
+of the boxes matched at IoU 0.9, both ways), with distribution voting and with OpenVINO's bf16,
+leave the model as it was, and bad choices get errors naming the flag."""
 import sys
 
 import cv2
@@ -66,10 +67,39 @@ def test_bad_backend_choices_name_the_flag(eager, monkeypatch):
         TiledPredictor(**kw, backend="onnxruntime", precision="bf16")
     with pytest.raises(ValueError, match="--channels-last is for --backend torch"):
         TiledPredictor(**kw, backend="openvino", channels_last=True)
-    voting = tiny_cfg("trees/gfl_lite0_trees.yaml", **{"MODEL_EMA.ENABLED": False})
-    assert voting.MODEL.GFL.BOX_VOTING.ENABLED
-    with pytest.raises(ValueError, match="MODEL.GFL.BOX_VOTING.ENABLED=True.*--backend torch"):
-        TiledPredictor(voting, patch_size=256, overlap=64, backend="onnxruntime")
+    with pytest.raises(ValueError, match=r"--backend onnxruntime runs in \['fp32'\]"):
+        TiledPredictor(**kw, backend="onnxruntime", precision="bf16")
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
     with pytest.raises(ImportError, match=r"--backend openvino.*pip install openvino=="):
         TiledPredictor(**kw, backend="openvino")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_runtime_backends_run_voting_and_leave_the_model(image, backend):
+    """Distribution voting (the tree recipe) runs in PyTorch on the runtime's head outputs; the
+    model's own modules are back in place after each call."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg("trees/gfl_lite0_trees.yaml", **{"MODEL_EMA.ENABLED": False})
+    assert cfg.MODEL.GFL.BOX_VOTING.ENABLED
+    eager = TiledPredictor(cfg, patch_size=256, overlap=64, backend="torch")
+    with torch.no_grad():
+        nn.init.normal_(eager.model.head.cls_score.weight, std=0.05)
+        nn.init.constant_(eager.model.head.cls_score.bias, -1.0)
+        nn.init.normal_(eager.model.head.box_pred.weight, std=0.05)
+    backbone, head = eager.model.backbone, eager.model.head
+    ours = TiledPredictor(model=eager.model, input_format="RGB", patch_size=256, overlap=64,
+                          backend=backend)
+    want, got = eager(image).instances, ours(image).instances
+    assert eager.model.backbone is backbone and eager.model.head is head
+    assert len(want) > 50
+    assert box_agreement(want.pred_boxes.tensor, got.pred_boxes.tensor, iou=0.9) >= 0.99
+    assert box_agreement(got.pred_boxes.tensor, want.pred_boxes.tensor, iou=0.9) >= 0.99
+
+
+def test_openvino_bf16_runs_close_to_fp32(eager, image):
+    """``--precision bf16`` with ``--backend openvino`` is OpenVINO's bf16 inference hint."""
+    fp32 = eager(image).instances
+    bf16 = TiledPredictor(model=eager.model, input_format="RGB", patch_size=256, overlap=64,
+                          backend="openvino", precision="bf16")(image).instances
+    assert len(bf16) > 50
+    assert box_agreement(fp32.pred_boxes.tensor, bf16.pred_boxes.tensor, iou=0.5) >= 0.9

@@ -84,7 +84,7 @@ def test_bf16_is_an_option_of_every_predictor(cfg, tiled):
     autocast (head convolutions in bf16); decoding gives float32 boxes and scores."""
     model = tiled.model
     bf16 = TiledPredictor(model=model, input_format="BGR", patch_size=256, overlap=64,
-                          precision="bf16")
+                          precision="bf16", backend="torch")
     dtypes, handle = _head_dtypes(model)
     try:
         found = bf16.predict_tiles([_image()])[0]
@@ -129,8 +129,15 @@ def test_device_defaults_fill_unset_options(cfg, tiled):
 
     default = TiledPredictor(model=tiled.model, input_format="BGR", patch_size=256, overlap=64)
     cpu = DEVICE_DEFAULTS["cpu"]
+    assert default.backend_name == cpu["backend"]  # openvino is pinned in requirements.txt
     assert (default.batch_size, default.precision, default.channels_last) == (
-        cpu["batch_size"], cpu["precision"], cpu["channels_last"])
+        cpu["batch_size"], cpu["precision"], False)  # a runtime picks its own layout
+    torch_default = TiledPredictor(model=tiled.model, input_format="BGR", patch_size=256,
+                                   overlap=64, backend="torch")
+    assert torch_default.channels_last == cpu["channels_last"]
+    nhwc = TiledPredictor(model=tiled.model, input_format="BGR", patch_size=256, overlap=64,
+                          channels_last=True)
+    assert (nhwc.backend_name, nhwc.channels_last) == ("torch", True)
     chosen = TiledPredictor(model=tiled.model, input_format="BGR", patch_size=256, overlap=64,
                             batch_size=3)
     assert chosen.batch_size == 3

@@ -54,8 +54,8 @@ def get_parser() -> argparse.ArgumentParser:
                    help="bf16: autocast of backbone and head (default: the device's)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="NHWC weights and input (default: the device's)")
-    p.add_argument("--backend", default="torch",
-                   help="torch, onnxruntime or openvino (the ONNX export; no box voting)")
+    p.add_argument("--backend", default=None, choices=("torch", "onnxruntime", "openvino"),
+                   help="where backbone and head run (default: the device's; openvino on CPU)")
     p.add_argument("--tile-max-dets", type=int, default=1000,
                    help="detections kept per tile before the merge")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (sets MODEL.DEVICE)")

@@ -1,27 +1,37 @@
-"""Execution backends of the tiled predictor: eager PyTorch (the one forward path of
-:mod:`.forward`), or ONNX Runtime / OpenVINO running the model exported by
-:func:`gfocal.model_io.export.export_onnx` (the whole model: normalisation, backbone, head,
-decoding, NMS, per-tile cap; thresholds fixed at export, one tile per run)."""
+"""Execution backends of the tiled predictor. Every backend runs the detector's own ``forward``
+(:mod:`.forward`): preprocessing, anchors, decoding (Eq. 5), distribution voting, NMS and the
+per-tile cap stay in PyTorch. ``onnxruntime`` and ``openvino`` run only the two fixed
+convolution graphs of a dense detector, the **backbone** and the **head**, compiled once per
+input shape (a tile size) and swapped into a shallow copy of the model.
+
+Why not the whole exported model: the data-dependent part (top-k per level, NMS, voting) is a
+small share of a tile's time (``benchmarks/tiled_predict.py --sections profile``), exports badly
+(voting is not traceable; a graph traced on a tile without candidates breaks in ONNX Runtime)
+and ran slower in OpenVINO than in eager PyTorch; the convolutions are where a runtime helps.
+"""
 import os
 import tempfile
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Instances
 
 from .forward import run_detector
 
 __all__ = ["BACKENDS", "INSTALL_COMMANDS", "check_backend", "build_backend", "TorchBackend",
-           "ExportedBackend"]
+           "RuntimeBackend", "CompiledModule"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 INSTALL_COMMANDS = {
     "onnxruntime": "pip install onnxruntime==1.31.1  (pinned in requirements.txt)",
     "openvino": "pip install openvino==2026.4.1  (pinned in requirements.txt)",
 }
+# The precisions each runtime runs the convolutions in (OpenVINO's INFERENCE_PRECISION_HINT).
+RUNTIME_PRECISIONS = {"onnxruntime": {"fp32": None}, "openvino": {"fp32": "f32", "bf16": "bf16"}}
 
 
 def _module(backend: str):
@@ -42,24 +52,22 @@ def _module(backend: str):
 
 def check_backend(backend: str, model: nn.Module, precision: str, channels_last: bool) -> None:
     """Refuse an unknown backend, a missing package (with the install command) and options the
-    exported graph cannot run, each naming the flag."""
+    runtime cannot run, each naming the flag."""
     if backend not in BACKENDS:
         raise ValueError(f"--backend {backend!r} must be one of {BACKENDS}")
     if backend == "torch":
         return
     _module(backend)
-    if precision != "fp32":
-        raise ValueError(f"--backend {backend} runs the fp32 ONNX export: --precision "
-                         f"{precision!r} is for --backend torch (use --precision fp32)")
+    if precision not in RUNTIME_PRECISIONS[backend]:
+        raise ValueError(f"--backend {backend} runs in {sorted(RUNTIME_PRECISIONS[backend])}: "
+                         f"--precision {precision!r} is for --backend torch")
     if channels_last:
         raise ValueError(f"--backend {backend} chooses its own memory layout: --channels-last is "
                          "for --backend torch")
-    if getattr(model, "box_voting", None) is not None:
-        raise ValueError(
-            f"--backend {backend}: MODEL.GFL.BOX_VOTING.ENABLED=True, and distribution voting is "
-            "not part of the exported graph; use --backend torch, or set "
-            "MODEL.GFL.BOX_VOTING.ENABLED False"
-        )
+    for part in ("backbone", "head"):
+        if not isinstance(getattr(model, part, None), nn.Module):
+            raise ValueError(f"--backend {backend} runs a dense detector's {part}; "
+                             f"{type(model).__name__} has no {part} module")
 
 
 class TorchBackend:
@@ -74,70 +82,106 @@ class TorchBackend:
         return [out["instances"] for out in run_detector(self.model, inputs, self.precision)]
 
 
-class ExportedBackend:
-    """ONNX Runtime or OpenVINO (CPU, fp32) on the model exported to ONNX, one export per tile
-    size (the first at construction, for ``sample_hw``), with the model's thresholds at export
-    time (the tiled predictor sets them around every call). Detections equal eager PyTorch's up
-    to float rounding (tests/test_inference_backends.py: >= 99% of boxes at IoU 0.9).
+class _Flat(nn.Module):
+    """``module`` with tensors in and a flat tuple of tensors out (what a runtime graph has);
+    a list argument (the head's per-level features) is passed as separate tensors."""
 
-    The exports have a static input size: OpenVINO 2026.4 gives other detections than ONNX
-    Runtime and PyTorch for the export with dynamic height and width (checked on the tree model).
-    """
+    def __init__(self, module: nn.Module, as_list: bool):
+        super().__init__()
+        self.module, self.as_list = module, as_list
 
-    def __init__(self, model: nn.Module, backend: str, sample_hw: Tuple[int, int],
-                 threads: int = 0):
-        self.name, self.model = backend, model
+    def forward(self, *tensors: Tensor):
+        out = self.module(list(tensors) if self.as_list else tensors[0])
+        return tuple(t for t in pytree.tree_flatten(out)[0] if t is not None)
+
+
+class CompiledModule(nn.Module):
+    """A module (backbone or head) run by ONNX Runtime or OpenVINO on CPU, one static-shape
+    graph per input shape, compiled at its first use. Same call and outputs (a dict of
+    features, or the head's per-level lists) as the module it replaces, on CPU tensors."""
+
+    def __init__(self, module: nn.Module, backend: str, precision: str = "fp32", threads: int = 0):
+        super().__init__()
+        self.backend, self.precision = backend, precision
         self.threads = threads or torch.get_num_threads()
-        self._module = _module(backend)
-        self._dir = tempfile.TemporaryDirectory(prefix="gfocal_onnx_")
-        self._runners: Dict[Tuple[int, int], Callable] = {}
-        self._runner(tuple(sample_hw))
+        # not a submodule: the weights live in the runtime's graphs
+        self.__dict__["source"] = module
+        self._runners: Dict[tuple, Tuple[Callable, object]] = {}
+        self._dir = tempfile.TemporaryDirectory(prefix="gfocal_runtime_")
+        if hasattr(module, "output_shape"):
+            self.output_shape = module.output_shape
+        for attr in ("size_divisibility", "padding_constraints"):
+            if hasattr(module, attr):
+                setattr(self, attr, getattr(module, attr))
 
-    def _runner(self, hw: Tuple[int, int]) -> Callable:
-        if hw in self._runners:
-            return self._runners[hw]
-        from ..model_io.export import export_onnx
-
-        path = os.path.join(self._dir.name, f"model_{hw[0]}x{hw[1]}.onnx")
-        device = next(self.model.parameters()).device
-        g = torch.Generator().manual_seed(0)
-        sample = torch.randint(0, 256, (3, *hw), generator=g).float()
-        export_onnx(self.model.cpu(), sample, path, dynamic_size=False)
-        self.model.to(device)
-        if self.name == "onnxruntime":
-            options = self._module.SessionOptions()
-            options.intra_op_num_threads = self.threads
-            session = self._module.InferenceSession(path, options,
-                                                    providers=["CPUExecutionProvider"])
-            run = lambda image: session.run(None, {"image": image})  # noqa: E731
-        else:
-            # f32: OpenVINO would otherwise pick bf16 on CPUs that have it.
-            compiled = self._module.Core().compile_model(path, "CPU", {
-                "INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": self.threads})
+    def _compile(self, tensors: List[Tensor], as_list: bool) -> Tuple[Callable, object]:
+        flat = _Flat(self.source, as_list).eval()
+        with torch.no_grad():
+            leaves, spec = pytree.tree_flatten(self.source(list(tensors) if as_list else tensors[0]))
+        spec = (spec, [leaf is None for leaf in leaves])  # a graph has no None outputs
+        names = [f"input{i}" for i in range(len(tensors))]
+        runtime = _module(self.backend)
+        # Through an ONNX file for both runtimes: OpenVINO's own PyTorch frontend crashed
+        # (segmentation fault) converting detectron2's ResNet backbone.
+        path = os.path.join(self._dir.name, f"graph{len(self._runners)}.onnx")
+        with torch.no_grad():
+            torch.onnx.export(flat, tuple(tensors), path, dynamo=False, opset_version=17,
+                              input_names=names)
+        if self.backend == "openvino":
+            compiled = runtime.Core().compile_model(path, "CPU", {
+                "INFERENCE_PRECISION_HINT": RUNTIME_PRECISIONS["openvino"][self.precision],
+                "INFERENCE_NUM_THREADS": self.threads, "PERFORMANCE_HINT": "LATENCY"})
             request = compiled.create_infer_request()
-            run = lambda image: [request.infer({"image": image})[o]  # noqa: E731
-                                 for o in compiled.outputs]
-        self._runners[hw] = run
-        return run
+            outputs = compiled.outputs
 
-    def __call__(self, inputs: Sequence[dict]) -> List[Instances]:
-        results = []
-        for inp in inputs:
-            image = inp["image"].detach().cpu().float().numpy()
-            outputs = self._runner(tuple(image.shape[1:]))(image)
-            boxes, classes, scores = (np.asarray(x) for x in outputs)
-            inst = Instances((int(inp["height"]), int(inp["width"])))
-            inst.pred_boxes = Boxes(torch.from_numpy(boxes.astype(np.float32)).reshape(-1, 4))
-            inst.scores = torch.from_numpy(scores.astype(np.float32)).reshape(-1)
-            inst.pred_classes = torch.from_numpy(classes.astype(np.int64)).reshape(-1)
-            results.append(inst)
-        return results
+            def run(arrays):
+                result = request.infer(dict(zip(names, arrays)))
+                return [result[o] for o in outputs]
+        else:
+            options = runtime.SessionOptions()
+            options.intra_op_num_threads = self.threads
+            session = runtime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+            def run(arrays):
+                return session.run(None, dict(zip(names, arrays)))
+        return run, spec
+
+    def forward(self, x):
+        as_list = isinstance(x, (list, tuple))
+        tensors = [t.detach().float().cpu().contiguous() for t in (x if as_list else [x])]
+        key = tuple(tuple(t.shape) for t in tensors)
+        if key not in self._runners:
+            self._runners[key] = self._compile(tensors, as_list)
+        run, (spec, empty) = self._runners[key]
+        outputs = iter(run([t.numpy() for t in tensors]))
+        leaves = [None if e else torch.from_numpy(np.asarray(next(outputs))) for e in empty]
+        return pytree.tree_unflatten(leaves, spec)
 
 
-def build_backend(backend: str, model: nn.Module, precision: str, channels_last: bool,
-                  sample_hw: Tuple[int, int]):
-    """The backend ``backend`` for ``model`` (already in eval mode, thresholds set)."""
+class RuntimeBackend:
+    """The detector's own forward with its backbone and head swapped, for the call, for their
+    :class:`CompiledModule` (so the thresholds the predictor sets on the model apply)."""
+
+    def __init__(self, model: nn.Module, backend: str, precision: str = "fp32"):
+        self.name, self.model = backend, model
+        self.modules = {part: CompiledModule(getattr(model, part), backend, precision)
+                        for part in ("backbone", "head")}
+
+    def __call__(self, inputs: List[dict]) -> List[Instances]:
+        saved = {part: self.model._modules[part] for part in self.modules}
+        self.model._modules.update(self.modules)
+        try:
+            return [out["instances"] for out in run_detector(self.model, inputs, "fp32")]
+        finally:
+            self.model._modules.update(saved)
+
+
+def build_backend(backend: str, model: nn.Module, precision: str, channels_last: bool):
+    """The backend ``backend`` for ``model`` (already in eval mode)."""
     check_backend(backend, model, precision, channels_last)
     if backend == "torch":
         return TorchBackend(model, precision)
-    return ExportedBackend(model, backend, sample_hw)
+    if next(model.parameters()).device.type != "cpu":
+        raise ValueError(f"--backend {backend} runs on the CPU: set MODEL.DEVICE cpu "
+                         "(or use --backend torch on a GPU)")
+    return RuntimeBackend(model, backend, precision)

@@ -29,15 +29,11 @@ class GFLDetectionModel(DetectionModel):
     already built. Slices are given as RGB (SAHI's convention)."""
 
     def load_model(self) -> None:
-        from detectron2.config import get_cfg
-
-        from .. import add_gfl_config
+        from ..config import load_config
 
         if not self.config_path:
             raise ValueError("GFLDetectionModel needs config_path (a GFL yacs config) or model=")
-        cfg = get_cfg()
-        add_gfl_config(cfg)
-        cfg.merge_from_file(self.config_path)
+        cfg = load_config(self.config_path)
         cfg.MODEL.DEVICE = str(self.device)
         self.set_model(TiledPredictor(cfg, weights=self.model_path))
 

@@ -15,7 +15,7 @@ from detectron2.structures import Boxes, Instances
 from ..model_io.weights import load_evaluated_weights
 from ..modeling.inference_thresholds import inference_thresholds
 from ..tiling import check_tiling, tile_windows
-from .backends import build_backend
+from .backends import INSTALL_COMMANDS, build_backend
 from .forward import PRECISIONS, prepare_model
 from .merge import merge_detections
 from .nodata import NodataFilter, check_nodata_value
@@ -33,13 +33,31 @@ logger = logging.getLogger(__name__)
 # level (TOPK_CANDIDATES_TEST) is 1000.
 TILE_MAX_DETS = 1000
 
-# The defaults of batch size, precision and memory format per device type (None arguments).
-# Chosen from the table of ``benchmarks/tiled_predict.py --sections sweep`` (docs/whole_images.md);
-# CPU: one tile per forward in fp32 (batching 8 tiles halved the speed on a 2-core CPU).
+# The defaults of backend, batch size, precision and memory format per device type (None
+# arguments), chosen from ``benchmarks/tiled_predict.py --sections sweep`` (docs/whole_images.md).
+# CPU: OpenVINO runs backbone and head about 2x faster than eager fp32, with the same boxes; one
+# tile per forward (batching 8 tiles was slower on a 2-core CPU); bf16 gained nothing on a CPU
+# without AMX. ``channels_last`` applies to the torch backend (the fallback when OpenVINO is not
+# installed: 1.35-1.46x faster than NCHW on CPU).
 DEVICE_DEFAULTS = {
-    "cpu": {"batch_size": 1, "precision": "fp32", "channels_last": False},
-    "cuda": {"batch_size": 8, "precision": "bf16", "channels_last": True},
+    "cpu": {"backend": "openvino", "batch_size": 1, "precision": "fp32", "channels_last": True},
+    "cuda": {"backend": "torch", "batch_size": 8, "precision": "bf16", "channels_last": True},
 }
+
+
+def _default_backend(name: str, model: torch.nn.Module) -> str:
+    """``name``, or ``torch``: for a model that is not a backbone + head detector, or (with a
+    warning) when the package of ``name`` is not installed."""
+    if name == "torch" or not all(isinstance(getattr(model, part, None), torch.nn.Module)
+                                  for part in ("backbone", "head")):
+        return "torch"
+    try:
+        __import__(name)
+    except ImportError:
+        logger.warning("The CPU default backend %s is not installed (%s); running --backend torch",
+                       name, INSTALL_COMMANDS[name])
+        return "torch"
+    return name
 
 
 class ArrayReader(WindowReader):
@@ -77,9 +95,9 @@ class TiledPredictor:
 
     The model runs through the one forward path of :mod:`.forward` (``backend="torch"``:
     ``precision="bf16"`` autocasts backbone and head, decoding, NMS and the merge stay float32;
-    ``channels_last`` stores weights NHWC) or through its ONNX export (``"onnxruntime"``,
-    ``"openvino"``: :mod:`.backends`). ``batch_size``, ``precision`` and ``channels_last`` left
-    None take the device type's :data:`DEVICE_DEFAULTS`.
+    ``channels_last`` stores weights NHWC); ``"onnxruntime"`` and ``"openvino"`` run its backbone
+    and head in that runtime (:mod:`.backends`). ``backend``, ``batch_size``, ``precision`` and
+    ``channels_last`` left None take the device type's :data:`DEVICE_DEFAULTS`.
     """
 
     @configurable
@@ -97,7 +115,7 @@ class TiledPredictor:
         channels_last: Optional[bool] = None,
         edge_margin: float = 2.0,
         tile_max_dets: int = TILE_MAX_DETS,
-        backend: str = "torch",
+        backend: Optional[str] = None,
         skip_nodata: bool = True,
         nodata: Optional[float] = None,
         model_gsd: float = 0.0,
@@ -116,7 +134,8 @@ class TiledPredictor:
             edge_margin: pixels within which a box "touches" a tile edge (seam rule; < 0: off).
             tile_max_dets: detections kept per tile before the merge (the model's
                 ``max_detections_per_image`` while the predictor runs it).
-            backend: "torch", "onnxruntime" or "openvino" (:mod:`.backends`).
+            backend: "torch", "onnxruntime" or "openvino" (:mod:`.backends`; None: the device's
+                default, torch when that is not installed).
             skip_nodata: skip tiles with no valid pixel and drop boxes centred on nodata
                 (:mod:`.nodata`: the image's nodata value, alpha band or mask).
             nodata: a pixel value (all bands) that also means "no data" (``--nodata``).
@@ -128,7 +147,9 @@ class TiledPredictor:
             raise ValueError(f"INPUT.FORMAT={input_format!r}: the tiled predictor takes RGB or BGR")
         device = getattr(model, "device", torch.device("cpu"))
         defaults = DEVICE_DEFAULTS.get(getattr(device, "type", "cpu"), DEVICE_DEFAULTS["cpu"])
-        if backend != "torch":  # an exported graph runs in fp32 and picks its own layout
+        if backend is None:  # NHWC asked for is a torch option: it selects the torch backend
+            backend = "torch" if channels_last else _default_backend(defaults["backend"], model)
+        if backend != "torch":  # a runtime picks its own memory layout
             defaults = {**defaults, "precision": "fp32", "channels_last": False}
         batch_size = defaults["batch_size"] if batch_size is None else batch_size
         precision = defaults["precision"] if precision is None else precision
@@ -169,8 +190,7 @@ class TiledPredictor:
         if hasattr(model, "test_score_thresh"):  # a detector (tests give stand-ins)
             prepare_model(self.model, self.channels_last)
             with self._model_thresholds():
-                self._backend = build_backend(backend, self.model, precision, self.channels_last,
-                                              (self.patch_size, self.patch_size))
+                self._backend = build_backend(backend, self.model, precision, self.channels_last)
 
     @classmethod
     def from_config(cls, cfg, weights: Optional[str] = None, **kwargs):
