@@ -35,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--kind", choices=KINDS, default="nodata", help="how the GeoTIFF marks the border")
     p.add_argument("--patch-size", type=int, default=400)
     p.add_argument("--overlap", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the device's")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
@@ -143,14 +143,16 @@ def main(argv=None) -> dict:
     report = {
         "image": f"{args.size}x{args.size} GeoTIFF, {100 * fraction:.1f}% without data ({args.kind})",
         "weights": args.weights or "random", "threads": args.threads, "patch_size": args.patch_size,
-        "overlap": args.overlap, "batch_size": args.batch_size, "repeats": args.repeats, "runs": runs,
+        "overlap": args.overlap, "batch_size": predictor.batch_size,
+        "backend": predictor.backend_name, "repeats": args.repeats, "runs": runs,
         "time_saved_s": full["median_s"] - skip["median_s"],
         "time_saved_fraction": 1.0 - skip["median_s"] / full["median_s"],
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(report, f, indent=2)
-    print(f"{report['image']}, patch {args.patch_size}, overlap {args.overlap}, batch {args.batch_size}, "
+    print(f"{report['image']}, patch {args.patch_size}, overlap {args.overlap}, batch "
+          f"{report['batch_size']}, backend {report['backend']}, "
           f"{args.threads} threads, {args.repeats} rounds, weights: {report['weights']}")
     print("| run | tiles run | tiles skipped | median s | detections |\n|---|---|---|---|---|")
     for name, run in runs.items():
