@@ -14,14 +14,10 @@ shares images and tiles among N processes per machine (CPU: gloo; CUDA: one GPU 
 merges and writes. --skip-unreadable leaves out unreadable inputs, listed in skipped_inputs.csv.
 """
 import argparse
-import glob
 import os
 import sys
 import time
-import warnings
 from typing import List
-
-import numpy as np
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -78,24 +74,6 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def expand_inputs(items: List[str]) -> List[str]:
-    from gfocal.inference.reader import IMAGE_EXTENSIONS
-
-    paths: List[str] = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(p for p in glob.glob(os.path.join(item, "*"))
-                           if p.lower().endswith(IMAGE_EXTENSIONS))
-            if not found:
-                raise SystemExit(f"error: input folder {item} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-            paths += found
-        elif os.path.isfile(item):
-            paths.append(item)
-        else:
-            raise SystemExit(f"error: input {item}: no such file or folder")
-    return paths
-
-
 def output_names(paths: List[str], skip_unreadable: bool = False) -> List[str]:
     stems = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     if len(set(stems)) != len(stems):
@@ -107,7 +85,12 @@ def output_names(paths: List[str], skip_unreadable: bool = False) -> List[str]:
 
 def main(argv=None) -> int:
     args = get_parser().parse_args(argv)
-    paths = expand_inputs(args.inputs)
+    from gfocal.inference.reader import expand_image_inputs
+
+    try:
+        paths = expand_image_inputs(args.inputs)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     taken = [n for n in output_names(paths, args.skip_unreadable) if os.path.exists(os.path.join(args.output, n))]
     if taken and not args.overwrite:
         raise SystemExit(f"error: --output {args.output} already holds results ({', '.join(taken[:3])}"
@@ -143,7 +126,6 @@ def main(argv=None) -> int:
     paths = [p for p in paths if p not in {s for s, _ in skipped}]
     if not paths:
         raise SystemExit(f"error: none of the {len(skipped)} inputs can be read (--skip-unreadable)")
-
 
     import gfocal
     from gfocal.engine import launch
@@ -196,8 +178,8 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
     if main_process:
         os.makedirs(args.output, exist_ok=True)
 
-    rows, coco, images = [], [], []
-    ids = {path: i for i, path in enumerate(paths, start=1)}
+    records = writers.PredictionRecords(args.output, names, paths, args.draw_max_side,
+                                        args.draw_score_thresh)
     start = time.perf_counter()
     tiles_run = 0
     try:
@@ -207,31 +189,12 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
                 skipped.append((item.path, item.error))
             if item.result is None:  # skipped, or not rank 0
                 continue
-            path, reader, result = item.path, item.reader, item.result
-            stem = os.path.splitext(os.path.basename(path))[0]
-            inst = result.instances
-            boxes = inst.pred_boxes.tensor.numpy().astype(np.float64)
-            scores = inst.scores.numpy().astype(np.float64)
-            classes = inst.pred_classes.numpy()
-            these = [{"image_path": os.path.basename(path), "xmin": round(b[0], 2), "ymin": round(b[1], 2),
-                      "xmax": round(b[2], 2), "ymax": round(b[3], 2), "label": names[c],
-                      "score": round(float(s), 4)} for b, s, c in zip(boxes.tolist(), scores, classes)]
-            if reader.georeferenced:
-                writers.write_geojson(os.path.join(args.output, stem + ".geojson"), these, boxes,
-                                      reader.crs, reader.transform)
-            writers.write_drawing(os.path.join(args.output, stem + "_drawing.png"), reader, boxes,
-                                  scores, args.draw_max_side, args.draw_score_thresh)
-            height, width = reader.height, reader.width
-            rows += these
-            coco += [{"image_id": ids[path], "category_id": int(c) + 1,
-                      "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
-                     for b, s, c in zip(boxes.tolist(), scores, classes)]
-            images.append({"id": ids[path], "file_name": path, "height": height, "width": width})
-            megapixels = height * width / 1e6
+            found = records.add(item.path, item.reader, item.result.instances)
+            megapixels = item.reader.height * item.reader.width / 1e6
             took = time.perf_counter() - start
-            skip = f", {result.num_skipped} without data skipped" if result.num_skipped else ""
-            print(f"{path}: {len(boxes)} detections ({result.num_tiles} tiles{skip}, {megapixels:.1f} MP) "
-                  f"in {took:.1f} s ({took / megapixels:.2f} s/MP)", flush=True)
+            skip = f", {item.result.num_skipped} without data skipped" if item.result.num_skipped else ""
+            print(f"{item.path}: {found} detections ({item.result.num_tiles} tiles{skip}, "
+                  f"{megapixels:.1f} MP) in {took:.1f} s ({took / megapixels:.2f} s/MP)", flush=True)
             start = time.perf_counter()
     except (ImageReadError, ValueError) as e:  # unreadable; a GSD that cannot be used
         raise SystemExit(f"error: {e}")
@@ -239,21 +202,10 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
         print(f"rank {comm.get_rank()} of {comm.get_world_size()}: ran {tiles_run} tiles", flush=True)
     if not main_process:
         return
-    writers.write_coco_results(os.path.join(args.output, "coco_results.json"), coco)
-    categories = [{"id": i + 1, "name": n} for i, n in enumerate(names)]
-    with writers.atomic_open(os.path.join(args.output, "coco_images.json")) as f:
-        import json
-
-        json.dump({"images": images, "categories": categories}, f)
-    if args.skip_unreadable:
-        import csv
-
-        with writers.atomic_open(os.path.join(args.output, "skipped_inputs.csv"), newline="") as f:
-            csv.writer(f).writerows([("path", "error")] + skipped)
-        for path, error in skipped:
-            print(f"skipped {path}: {error}", file=sys.stderr)
-    writers.write_csv(os.path.join(args.output, "detections.csv"), rows)  # last: marks completion
-    print(f"wrote {len(rows)} detections of {len(images)} images to {args.output}/"
+    records.write(skipped if args.skip_unreadable else None)
+    for path, error in skipped:
+        print(f"skipped {path}: {error}", file=sys.stderr)
+    print(f"wrote {len(records.rows)} detections of {len(records.images)} images to {args.output}/"
           + (f" ({len(skipped)} unreadable inputs skipped: {args.output}/skipped_inputs.csv)" if skipped else ""))
 
 

@@ -12,6 +12,7 @@ flat; one ``cv2.resize`` of the decoded image (INTER_AREA / INTER_LINEAR) otherw
 :func:`image_gsd` reads a GeoTIFF's metres per pixel from its transform and CRS units, and
 :func:`resample_scale` turns it and the model's ``INPUT.GSD`` into the resampling factor.
 """
+import glob
 import math
 import logging
 import os
@@ -24,6 +25,7 @@ from ..data.formats import IMAGE_EXTENSIONS  # the project's one list of image e
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "expand_image_inputs",
     "ImageReadError",
     "WindowReader",
     "image_gsd",
@@ -301,3 +303,21 @@ def open_image(path: str, cache_mb: int = 256) -> WindowReader:
     if path.lower().endswith(RASTERIO_EXTENSIONS):
         return _RasterioReader(path, cache_mb)
     return _Cv2Reader(path)
+
+
+def expand_image_inputs(items, flag: str = "input") -> list:
+    """Image files of ``items`` (files, and folders: their images by name, ``IMAGE_EXTENSIONS``);
+    a missing item or a folder without images is a ValueError naming it."""
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(p for p in glob.glob(os.path.join(item, "*"))
+                           if p.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise ValueError(f"{flag} folder {item} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif os.path.isfile(item):
+            paths.append(item)
+        else:
+            raise ValueError(f"{flag} {item}: no such file or folder")
+    return paths

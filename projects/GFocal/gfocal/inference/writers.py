@@ -14,6 +14,7 @@ import numpy as np
 
 __all__ = [
     "CSV_COLUMNS",
+    "PredictionRecords",
     "atomic_open",
     "map_boxes",
     "write_coco_results",
@@ -124,3 +125,53 @@ def write_drawing(path: str, reader, boxes: np.ndarray, scores: np.ndarray, max_
     with atomic_open(path, "wb") as f:
         f.write(data.tobytes())
     return scale
+
+
+class PredictionRecords:
+    """The results of a prediction run, image by image: the CSV rows, COCO results and images,
+    and each image's GeoJSON (geo-referenced input) and drawing written as it comes; the run's
+    files written by :meth:`write` (``detections.csv`` last: it marks a complete run)."""
+
+    def __init__(self, output: str, class_names: Sequence[str], paths: Sequence[str],
+                 draw_max_side: int = 2048, draw_score_thresh: float = 0.3):
+        self.output, self.names = output, list(class_names)
+        self.ids = {path: i for i, path in enumerate(paths, start=1)}
+        self.draw_max_side, self.draw_score_thresh = draw_max_side, draw_score_thresh
+        self.rows: List[dict] = []
+        self.coco: List[dict] = []
+        self.images: List[dict] = []
+
+    def add(self, path: str, reader, instances) -> int:
+        """Record one image's detections (an ``Instances`` in image pixels); their number."""
+        stem = os.path.splitext(os.path.basename(path))[0]
+        boxes = instances.pred_boxes.tensor.numpy().astype(np.float64)
+        scores = instances.scores.numpy().astype(np.float64)
+        classes = instances.pred_classes.numpy()
+        rows = [{"image_path": os.path.basename(path), "xmin": round(b[0], 2), "ymin": round(b[1], 2),
+                 "xmax": round(b[2], 2), "ymax": round(b[3], 2), "label": self.names[c],
+                 "score": round(float(s), 4)} for b, s, c in zip(boxes.tolist(), scores, classes)]
+        if reader.georeferenced:
+            write_geojson(os.path.join(self.output, stem + ".geojson"), rows, boxes, reader.crs,
+                          reader.transform)
+        write_drawing(os.path.join(self.output, stem + "_drawing.png"), reader, boxes, scores,
+                      self.draw_max_side, self.draw_score_thresh)
+        image_id = self.ids[path]
+        self.rows += rows
+        self.coco += [{"image_id": image_id, "category_id": int(c) + 1,
+                       "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "score": float(s)}
+                      for b, s, c in zip(boxes.tolist(), scores, classes)]
+        self.images.append({"id": image_id, "file_name": path, "height": reader.height,
+                            "width": reader.width})
+        return len(rows)
+
+    def write(self, skipped: Optional[Sequence[tuple]] = None) -> None:
+        """COCO results and images, ``skipped_inputs.csv`` (when ``skipped`` is given), then the
+        CSV of detections."""
+        write_coco_results(os.path.join(self.output, "coco_results.json"), self.coco)
+        categories = [{"id": i + 1, "name": n} for i, n in enumerate(self.names)]
+        with atomic_open(os.path.join(self.output, "coco_images.json")) as f:
+            json.dump({"images": self.images, "categories": categories}, f)
+        if skipped is not None:
+            with atomic_open(os.path.join(self.output, "skipped_inputs.csv"), newline="") as f:
+                csv.writer(f).writerows([("path", "error")] + list(skipped))
+        write_csv(os.path.join(self.output, "detections.csv"), self.rows)
