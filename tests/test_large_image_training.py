@@ -354,3 +354,99 @@ def test_predict_refuses_a_gsd_of_zero_or_below(tmp_path, gsd):
     assert proc.returncode != 0
     assert f"--gsd {float(gsd)} must be > 0" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# LazyConfig: dataloader.tiling
+# ------------------------------------------------------------------------------------------------
+LAZY_TREES = os.path.join(REPO_ROOT, "configs", "trees", "gfl_lite0_trees.py")
+
+
+def lazy_cfg(tmp_path, name, tiling=None, *opts):
+    from gfocal.config import load_lazy_config
+
+    cfg = load_lazy_config(LAZY_TREES, [
+        f"dataloader.train.dataset.names={name}", f"dataloader.test.dataset.names={name}",
+        "model.backbone.bottom_up.feature_cache_mb=0", *opts])
+    if tiling is not None:
+        cfg.dataloader.tiling = dict(tiling, cache_dir=str(tmp_path / "tiles"))
+    return cfg
+
+
+def test_lazy_config_grid_tiling(tmp_path):
+    from gfocal.data.tiling_config import apply_lazy_dataset_tiling
+
+    name = register(f"{unique()}=csv:{orthomosaic(tmp_path / 'big')}")
+    cfg = lazy_cfg(tmp_path, name, dict(mode="grid", size=128, overlap=32))
+    assert apply_lazy_dataset_tiling(cfg) == [name]  # train and test share the name: train grid
+    tiles = DatasetCatalog.get(name)
+    assert len(tiles) == 20 and all(r["width"] == r["height"] == 128 for r in tiles)
+    assert "tile_crop" not in cfg.dataloader.train.mapper  # the grid keeps DatasetMapper
+
+
+def test_lazy_config_crop_mode_uses_the_crop_mapper(tmp_path):
+    from detectron2.config import instantiate
+
+    from gfocal.data.tiling_config import apply_lazy_dataset_tiling
+
+    name = register(f"{unique()}=csv:{orthomosaic(tmp_path / 'big')}")
+    cfg = lazy_cfg(tmp_path, name, dict(mode="crop", size=128, overlap=32, min_visible=0.6))
+    apply_lazy_dataset_tiling(cfg)
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    assert isinstance(mapper, TileCropMapper)
+    assert mapper.spec == TilingSpec(128, 32, 0.6, 2.0, 1.0, 0)
+    out = mapper(DatasetCatalog.get(name)[0])
+    x0, y0, x1, y1 = out["tile_window"]
+    assert (x1 - x0, y1 - y0) == (128, 128) and len(out["instances"]) > 0
+    assert out["image"].shape[1:] == (400, 400)  # then the config's training resize
+
+
+def test_lazy_config_errors_and_warning_name_the_lazy_keys(tmp_path):
+    from gfocal.data.tiling_config import apply_lazy_dataset_tiling
+
+    name = register(f"{unique()}=csv:{orthomosaic(tmp_path / 'big')}")
+    with pytest.raises(ValueError, match=r"dataloader.tiling.size=16 is below the model's "
+                                         r"coarsest stride 32"):
+        apply_lazy_dataset_tiling(lazy_cfg(tmp_path, name, dict(mode="grid", size=16)))
+    with pytest.raises(ValueError, match=r"dataloader.tiling.overlap=128 must be in \[0, "
+                                         r"dataloader.tiling.size=128\)"):
+        apply_lazy_dataset_tiling(lazy_cfg(tmp_path, name, dict(mode="grid", size=128,
+                                                                overlap=128)))
+    with pytest.raises(ValueError, match="dataloader.tiling.tile_size: not a tiling key"):
+        apply_lazy_dataset_tiling(lazy_cfg(tmp_path, name, dict(tile_size=128)))
+    boxes = [(x, y, x + 20, y + 20) for y in range(100, 1900, 200) for x in range(100, 1900, 200)]
+    big = register(f"{unique()}=csv:{orthomosaic(tmp_path / 'huge', (2000, 2000), boxes)}")
+    with pytest.warns(UserWarning, match=r"dataloader.tiling.mode grid") as caught:
+        apply_lazy_dataset_tiling(lazy_cfg(tmp_path, big))
+    message = next(str(w.message) for w in caught if "dataloader.tiling" in str(w.message))
+    assert "dataloader.train.mapper.augmentations[0].short_edge_length" in message
+    assert "DATASETS.TILING" not in message
+
+
+@pytest.mark.trains_in_subprocess
+def test_lazyconfig_train_net_trains_on_random_crops(tmp_path):
+    """``lazyconfig_train_net.py`` with ``dataloader.tiling.mode=crop`` (a dict key set from the
+    command line): two iterations on 128 px random crops of the large image."""
+    csv = orthomosaic(tmp_path / "big")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-W", "ignore", os.path.join(REPO_ROOT, "lazyconfig_train_net.py"),
+        "--config-file", LAZY_TREES, "--dataset", f"lazy_big=csv:{csv}",
+        "dataloader.train.dataset.names=lazy_big", "dataloader.test.dataset.names=lazy_big",
+        "+dataloader.tiling.mode=crop", "+dataloader.tiling.size=128", "+dataloader.tiling.overlap=32",
+        f"+dataloader.tiling.cache_dir={tmp_path / 'tiles'}", "train.max_iter=2",
+        "train.eval_period=0", "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+        "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+        "dataloader.train.mapper.augmentations.0.max_size=128",
+        "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+        "dataloader.test.mapper.augmentations.0.max_size=128",
+        "model.backbone.bottom_up.feature_cache_mb=0", "lr_multiplier.scheduler.milestones=[]",
+        "lr_multiplier.scheduler.values=[1.0]", "lr_multiplier.scheduler.num_updates=2",
+        f"train.output_dir={out}",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "model_final.pth").is_file()
+    assert not (tmp_path / "tiles").exists()  # crops of the whole image, no grid written
