@@ -450,3 +450,16 @@ def test_lazyconfig_train_net_trains_on_random_crops(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "model_final.pth").is_file()
     assert not (tmp_path / "tiles").exists()  # crops of the whole image, no grid written
+
+
+def test_model_refuses_a_negative_or_infinite_input_gsd():
+    """``INPUT.GSD`` below 0 stops the model build (training and prediction), naming the key."""
+    from gfocal.config import check_gfl_config
+
+    with pytest.raises(ValueError, match=r"INPUT.GSD=-0.1 must be > 0"):
+        check_gfl_config(load_config(TREES, ["INPUT.GSD", "-0.1"]))
+    cfg = load_config(TREES)
+    cfg.INPUT.GSD = float("inf")
+    with pytest.raises(ValueError, match=r"INPUT.GSD=inf must be > 0"):
+        check_gfl_config(cfg)
+    check_gfl_config(load_config(TREES, ["INPUT.GSD", "0.0"]))  # 0: unknown, allowed
