@@ -463,3 +463,23 @@ def test_model_refuses_a_negative_or_infinite_input_gsd():
     with pytest.raises(ValueError, match=r"INPUT.GSD=inf must be > 0"):
         check_gfl_config(cfg)
     check_gfl_config(load_config(TREES, ["INPUT.GSD", "0.0"]))  # 0: unknown, allowed
+
+
+def test_predict_names_how_to_reproject_a_geographic_geotiff(tmp_path):
+    """``tools/predict.py`` on a GeoTIFF in EPSG:4326 (degrees) with a model of known INPUT.GSD:
+    an error naming the file and how to reproject it (or --gsd), no outputs."""
+    import rasterio
+    from affine import Affine
+
+    path = tmp_path / "degrees.tif"
+    with rasterio.open(path, "w", driver="GTiff", height=64, width=64, count=3, dtype="uint8",
+                       crs="EPSG:4326", transform=Affine(1e-6, 0, -110.5, 0, -1e-6, 44.9)) as dst:
+        dst.write(np.full((3, 64, 64), 90, np.uint8))
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", os.path.join(REPO_ROOT, "tools", "predict.py"),
+         "--config-file", TREES, "--output", str(tmp_path / "o"), str(path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "degrees.tif" in proc.stderr and "geographic (degrees)" in proc.stderr, proc.stderr[-2000:]
+    assert "gdalwarp -t_srs" in proc.stderr and "--gsd" in proc.stderr
+    assert not (tmp_path / "o" / "detections.csv").exists()
