@@ -139,3 +139,77 @@ def test_negative_model_gsd_refused(random_predictor):
     with pytest.raises(ValueError, match="INPUT.GSD=-0.1"):
         TiledPredictor(model=random_predictor.model, input_format="RGB", patch_size=128,
                        overlap=32, model_gsd=-0.1)
+
+
+def _masked_geotiff(path, rgb, gsd, kind, left=0.4):
+    """``rgb`` as a GeoTIFF whose ``left`` part (of its width) holds no data, declared by a nodata value 0, an alpha
+    band or an internal mask; returns the (H, W) bool valid mask."""
+    height, width = rgb.shape[:2]
+    valid = np.zeros((height, width), dtype=bool)
+    valid[:, int(left * width):] = True
+    data = rgb.copy()
+    data[~valid] = 0
+    data[valid] = np.maximum(data[valid], 1)  # no data pixel equals the nodata value
+    profile = dict(driver="GTiff", height=height, width=width, count=3 + (kind == "alpha"),
+                   dtype="uint8", crs="EPSG:32612",
+                   transform=Affine(gsd, 0, ORIGIN[0], 0, -gsd, ORIGIN[1]),
+                   **({"nodata": 0} if kind == "nodata" else {}))
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True):
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data.transpose(2, 0, 1), [1, 2, 3])
+            if kind == "alpha":
+                dst.write((valid * 255).astype(np.uint8), 4)
+                dst.colorinterp = [rasterio.enums.ColorInterp.red, rasterio.enums.ColorInterp.green,
+                                   rasterio.enums.ColorInterp.blue, rasterio.enums.ColorInterp.alpha]
+            elif kind == "mask":
+                dst.write_mask((valid * 255).astype(np.uint8))
+    return valid
+
+
+@pytest.mark.parametrize("kind", ["nodata", "alpha", "mask"])
+def test_resampled_views_resample_the_nodata_mask(tmp_path, kind):
+    """The valid-data mask (nodata value, alpha band, internal mask) of a resampled view is the
+    source's, nearest neighbour at the view's pixels, window by window."""
+    up = np.repeat(np.repeat(_smooth_image(), 2, 0), 2, 1)  # 520 x 600 at 0.05 m
+    path = str(tmp_path / f"{kind}.tif")
+    valid = _masked_geotiff(path, up, 0.05, kind)
+    with open_image(path) as reader:
+        assert reader.has_mask and np.array_equal(reader.read_mask(0, 0, 600, 520), valid)
+        view = reader.resampled(260, 300)
+        assert view.has_mask and view.dtype == "uint8"
+        assert np.array_equal(view.read_mask(0, 0, 300, 260), valid[::2, ::2])
+        assert np.array_equal(view.read_mask(100, 30, 228, 158), valid[60:316:2, 200:456:2])
+        bigger = reader.resampled(1040, 1200)
+        assert np.array_equal(bigger.read_mask(200, 0, 400, 100),
+                              np.repeat(np.repeat(valid[0:50, 100:200], 2, 0), 2, 1))
+
+
+def test_resampled_png_alpha_mask(tmp_path):
+    import cv2
+
+    up = np.repeat(np.repeat(_smooth_image(), 2, 0), 2, 1)
+    alpha = np.zeros(up.shape[:2], np.uint8)
+    alpha[:, 240:] = 255
+    cv2.imwrite(str(tmp_path / "a.png"), np.dstack([up[:, :, ::-1], alpha]))
+    with open_image(str(tmp_path / "a.png")) as reader:
+        view = reader.resampled(260, 300)
+        assert view.has_mask
+        assert np.array_equal(view.read_mask(0, 0, 300, 260), alpha[::2, ::2] > 0)
+
+
+def test_nodata_skip_on_resampled_reads(tmp_path, random_predictor):
+    """A 0.05 m GeoTIFF whose left half is nodata, predicted at the model's 0.1 m: tiles of the
+    resampled view without data are skipped, and no box is centred on nodata."""
+    up = np.repeat(np.repeat(_smooth_image(), 2, 0), 2, 1)
+    path = str(tmp_path / "alpha.tif")
+    valid = _masked_geotiff(path, up, 0.05, "alpha", left=0.5)
+    result = random_predictor(path)
+    # The 300 x 260 view's 128 px tiles (overlap 32) start at x = 0, 86, 172: the first column
+    # lies left of x = 150, so its 3 tiles are skipped.
+    assert result.num_skipped == 3 and result.num_tiles == 9
+    assert result.instances.image_size == (520, 600)
+    boxes = result.instances.pred_boxes.tensor.numpy()
+    assert len(boxes)
+    cx = ((boxes[:, 0] + boxes[:, 2]) / 2).astype(int).clip(0, 599)
+    cy = ((boxes[:, 1] + boxes[:, 3]) / 2).astype(int).clip(0, 519)
+    assert valid[cy, cx].all()

@@ -307,6 +307,28 @@ def test_yell_geotiff_tool_writes_the_documented_georeference(tmp_path):
         assert (src.transform.c, src.transform.f, src.transform.a, src.transform.e) == (541000.0, 4978000.0, 0.1, -0.1)
 
 
+def test_yell_geotiff_resamples_to_another_ground_resolution(tmp_path):
+    """``--resample-to 0.05``: the scene at 2x the pixels, geo-referenced at 0.05 m (same corner);
+    a .png output has the pixels only; a GSD of 0 is refused naming the flag."""
+    import importlib.util
+
+    import cv2
+
+    spec = importlib.util.spec_from_file_location("yell_geotiff", os.path.join(REPO_ROOT, "tools", "yell_geotiff.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = str(tmp_path / "yell_val_005.tif")
+    assert tool.main(["--split", "val", "--resample-to", "0.05", "--output", out]) == 0
+    with rasterio.open(out) as src:
+        assert (src.width, src.height) == (2498, 2070) and src.crs.to_epsg() == 32612
+        assert (src.transform.c, src.transform.f, src.transform.a, src.transform.e) == (541000.0, 4978000.0, 0.05, -0.05)
+    png = str(tmp_path / "yell_val_02.png")
+    assert tool.main(["--split", "val", "--resample-to", "0.2", "--output", png]) == 0
+    assert cv2.imread(png).shape == (518, 624, 3)
+    with pytest.raises(SystemExit):
+        tool.main(["--split", "val", "--resample-to", "0", "--output", out])
+
+
 def test_whole_image_ap_counts_more_than_100_detections():
     from gfocal.evaluation.whole_image import coco_ap
 

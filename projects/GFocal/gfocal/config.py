@@ -271,6 +271,10 @@ def check_gfl_config(cfg) -> None:
             f"{key}={conv_dim}: MODEL.GFL.NORM 'GN' uses 32 groups, so the head's channels must be "
             "a multiple of 32"
         )
+    gsd = cfg.INPUT.get("GSD", 0.0) if "INPUT" in cfg else 0.0
+    if not 0 <= gsd < math.inf:
+        raise ValueError(f"INPUT.GSD={gsd} must be > 0 (metres per pixel the model is trained "
+                         "at), or 0 for unknown")
 
 
 def _check_dgqp(gfl) -> None:

@@ -53,11 +53,20 @@ def crop_annotations(record: dict, window, spec: TilingSpec) -> list:
 class TileCropMapper(DatasetMapper):
     """``DatasetMapper`` that first cuts ``tile_crop`` records to a random window (module doc)."""
 
-    def __init__(self, cfg, is_train: bool = True, **kwargs):
+    def __init__(self, cfg=None, is_train: bool = True, *, spec=None, **kwargs):
+        """From a YAML ``cfg`` (``DATASETS.TILING``), or without one from ``spec`` (a
+        :class:`TilingSpec` or a dict of its fields) and ``DatasetMapper``'s explicit arguments
+        (LazyConfig: ``dataloader.tiling.mode="crop"``)."""
         from .tiling_config import tiling_spec
 
-        super().__init__(cfg, is_train, **kwargs)
-        self.spec = tiling_spec(cfg, train=True)
+        if cfg is not None:
+            super().__init__(cfg, is_train, **kwargs)
+            self.spec = tiling_spec(cfg, train=True)
+        else:
+            if spec is None:
+                raise ValueError("TileCropMapper: give a config or a tiling spec")
+            super().__init__(is_train=is_train, **kwargs)
+            self.spec = spec if isinstance(spec, TilingSpec) else TilingSpec(**dict(spec))
         self._reader = None
 
     def _read(self, path: str, window) -> np.ndarray:

@@ -16,11 +16,19 @@ under its own name:
 * ``MODE ""``: nothing changes; a training dataset whose boxes the resize shrinks below the
   smallest anchor, or leaves without a positive anchor (more than ``WARN_UNASSIGNED_FRACTION``),
   gets a warning naming ``DATASETS.TILING.MODE`` and ``INPUT.MIN_SIZE_TRAIN``.
+
+LazyConfig (``lazyconfig_train_net.py``): ``dataloader.tiling``, a dict of the same keys in lower
+case (``dict(mode="grid", size=400, overlap=200)``; missing keys take the YAML defaults), applied
+by :func:`apply_lazy_dataset_tiling` in ``lazy_setup`` to the ``--dataset`` datasets of
+``dataloader.train.dataset.names`` / ``dataloader.test.dataset.names``. With ``mode="crop"`` the
+training mapper becomes :class:`gfocal.data.tile_crop.TileCropMapper` (same arguments). Errors
+and warnings name the LazyConfig keys.
 """
 import hashlib
 import json
 import logging
 import os
+import re
 import warnings
 from dataclasses import asdict
 from typing import Dict, List, Optional, Tuple
@@ -30,7 +38,8 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from ..tiling import tile_grid
 from .tiles import TilingSpec, write_tiles
 
-__all__ = ["TILING_MODES", "apply_dataset_tiling", "coarsest_stride", "tiling_spec"]
+__all__ = ["TILING_MODES", "apply_dataset_tiling", "apply_lazy_dataset_tiling", "coarsest_stride",
+           "lazy_tiling_view", "tiling_spec"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,3 +185,93 @@ def warn_if_boxes_too_small(cfg, name: str) -> Optional[str]:
         logger.warning(message)
         return message
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# LazyConfig: dataloader.tiling
+# ------------------------------------------------------------------------------------------------
+def _lazy_names(dataset) -> List[str]:
+    value = dataset.get("names", ()) if hasattr(dataset, "get") else ()
+    return [value] if isinstance(value, str) else list(value)
+
+
+def lazy_tiling_view(cfg):
+    """A YAML config holding what :func:`apply_dataset_tiling` reads, taken from a LazyConfig:
+    ``dataloader.tiling`` (lower-case DATASETS.TILING keys), the dataset names, the head's levels
+    and anchors (``model.head_in_features``, ``anchor_scale``, ``anchor_offset``, ``topk``), the
+    training resize (the train mapper's first ``ResizeShortestEdge``) and the backbone's
+    ``feature_cache_mb``."""
+    from detectron2.config import get_cfg
+
+    from ..config import add_gfl_config
+
+    view = get_cfg()
+    add_gfl_config(view)
+    tiling = dict(cfg.dataloader.get("tiling", None) or {})
+    for key, value in tiling.items():
+        if key.upper() not in view.DATASETS.TILING:
+            raise ValueError(f"dataloader.tiling.{key}: not a tiling key; the keys are "
+                             f"{sorted(k.lower() for k in view.DATASETS.TILING)}")
+        view.DATASETS.TILING[key.upper()] = type(view.DATASETS.TILING[key.upper()])(value)
+    train = cfg.dataloader.get("train", {})
+    view.DATASETS.TRAIN = tuple(_lazy_names(train.get("dataset", {})))
+    view.DATASETS.TEST = tuple(_lazy_names(cfg.dataloader.get("test", {}).get("dataset", {})))
+    model = cfg.get("model", {})
+    gfl = view.MODEL.GFL
+    gfl.IN_FEATURES = list(model.get("head_in_features", gfl.IN_FEATURES))
+    gfl.ANCHOR_SCALE = float(model.get("anchor_scale", gfl.ANCHOR_SCALE))
+    gfl.ANCHOR_OFFSET = float(model.get("anchor_offset", gfl.ANCHOR_OFFSET))
+    gfl.TOPK = int(model.get("topk", gfl.TOPK))
+    for aug in train.get("mapper", {}).get("augmentations", []):
+        if "short_edge_length" in aug:
+            short = aug.short_edge_length
+            view.INPUT.MIN_SIZE_TRAIN = tuple(short) if hasattr(short, "__len__") else (short,)
+            view.INPUT.MAX_SIZE_TRAIN = int(aug.get("max_size", view.INPUT.MAX_SIZE_TRAIN))
+            view.INPUT.MIN_SIZE_TRAIN_SAMPLING = aug.get("sample_style", "choice")
+            break
+    bottom_up = model.get("backbone", {}).get("bottom_up", {})
+    view.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB = int(bottom_up.get("feature_cache_mb", 0) or 0)
+    view.freeze()
+    return view
+
+
+_LAZY_KEYS = [
+    (r"DATASETS\.TILING\.([A-Z_]+)", lambda m: "dataloader.tiling." + m.group(1).lower()),
+    (r"INPUT\.MIN_SIZE_TRAIN", lambda m: "dataloader.train.mapper.augmentations[0]"
+                                         ".short_edge_length"),
+    (r"INPUT\.MAX_SIZE_TRAIN", lambda m: "dataloader.train.mapper.augmentations[0].max_size"),
+    (r"MODEL\.EFFICIENTNET_LITE\.FEATURE_CACHE_MB",
+     lambda m: "model.backbone.bottom_up.feature_cache_mb"),
+]
+
+
+def lazy_key_names(text: str) -> str:
+    """A message of this module with the YAML keys replaced by their LazyConfig paths."""
+    for pattern, repl in _LAZY_KEYS:
+        text = re.sub(pattern, repl, text)
+    return text
+
+
+def apply_lazy_dataset_tiling(cfg) -> List[str]:
+    """``dataloader.tiling`` of a LazyConfig (module doc): the ``--dataset`` datasets re-registered
+    as :func:`apply_dataset_tiling` does (or the untiled warning), and with ``mode="crop"`` the
+    training mapper made a :class:`~gfocal.data.tile_crop.TileCropMapper`. Returns the names
+    changed."""
+    view = lazy_tiling_view(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            changed = apply_dataset_tiling(view)
+        except ValueError as e:
+            raise ValueError(lazy_key_names(str(e))) from None
+    for w in caught:
+        text = str(w.message)
+        if "DATASETS.TILING" in text or "FEATURE_CACHE_MB" in text:
+            text = lazy_key_names(text)
+            logger.warning(text)
+        warnings.warn(text, w.category, stacklevel=2)
+    if view.DATASETS.TILING.MODE == "crop" and "train" in cfg.dataloader:
+        mapper = cfg.dataloader.train.mapper
+        mapper._target_ = "gfocal.data.tile_crop.TileCropMapper"
+        mapper.spec = asdict(tiling_spec(view, train=True))
+    return changed

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import load_lazy_config
 from ..data.annotations import LAZY_NUM_CLASSES_KEY
 from ..data.register import check_datasets
+from ..data.tiling_config import apply_lazy_dataset_tiling
 from ..model_io.checkpoint import GFLCheckpointer
 from .amp import AutocastTrainer
 from .batch_scaling import scale_lazy_solver_to_batch
@@ -131,10 +132,11 @@ def lazy_dataset_names(cfg) -> List[str]:
 
 def lazy_setup(args: argparse.Namespace):
     """The config of ``args.config_file`` + ``args.opts`` (``train.reference_batch_size``
-    applied), after checking its datasets; then detectron2's ``default_setup``."""
+    applied), after tiling (``dataloader.tiling``) and checking its datasets; then detectron2's ``default_setup``."""
     cfg = load_lazy_config(args.config_file, args.opts)
     scaling = scale_lazy_solver_to_batch(cfg)
     # The data checks come before default_setup, which writes into train.output_dir.
+    apply_lazy_dataset_tiling(cfg)  # dataloader.tiling: --dataset datasets cut into windows
     check_datasets(lazy_dataset_names(cfg), cfg.model.num_classes, key=LAZY_NUM_CLASSES_KEY)
     default_setup(cfg, args)
     if scaling:

@@ -8,7 +8,10 @@ whole (they are rarely large) with ``cv2.imread``.
 Ground resolution: :meth:`WindowReader.resampled` gives a view of the image at another pixel
 size, read window by window: rasterio's resampled window reads (``read(window=..., out_shape=...,
 resampling=...)``, average when shrinking, bilinear when enlarging) for TIFF, so memory stays
-flat; one ``cv2.resize`` of the decoded image (INTER_AREA / INTER_LINEAR) otherwise.
+flat; one ``cv2.resize`` of the decoded image (INTER_AREA / INTER_LINEAR) otherwise. The valid-data
+mask (nodata value, alpha band, internal mask, PNG alpha) is resampled with the view, nearest
+neighbour (GDAL's ``dataset_mask`` read at ``out_shape``; ``cv2.INTER_NEAREST`` in memory), so the
+nodata skip of :mod:`.nodata` works on resampled reads too.
 :func:`image_gsd` reads a GeoTIFF's metres per pixel from its transform and CRS units, and
 :func:`resample_scale` turns it and the model's ``INPUT.GSD`` into the resampling factor.
 """
@@ -76,7 +79,11 @@ class WindowReader:
         shrink = height * width < self.height * self.width
         resized = cv2.resize(np.ascontiguousarray(rgb), (width, height),
                              interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-        return _ArrayView(resized, self.path)
+        mask = self.read_mask(0, 0, self.width, self.height) if self.has_mask else None
+        if mask is not None:
+            mask = cv2.resize(mask.astype(np.uint8), (width, height),
+                              interpolation=cv2.INTER_NEAREST) > 0
+        return _ArrayView(resized, self.path, mask, self.dtype)
 
     def close(self) -> None:
         pass
@@ -89,12 +96,17 @@ class WindowReader:
 
 
 class _ArrayView(WindowReader):
-    def __init__(self, rgb: np.ndarray, path: str):
-        self.path, self._rgb = path, rgb
+    def __init__(self, rgb: np.ndarray, path: str, mask: Optional[np.ndarray] = None,
+                 dtype: str = "uint8"):
+        self.path, self._rgb, self._mask, self.dtype = path, rgb, mask, dtype
         self.height, self.width = rgb.shape[:2]
+        self.has_mask = mask is not None
 
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
         return self._rgb[y0:y1, x0:x1]
+
+    def read_mask(self, x0: int, y0: int, x1: int, y1: int) -> Optional[np.ndarray]:
+        return None if self._mask is None else self._mask[y0:y1, x0:x1]
 
 
 class _Cv2Reader(WindowReader):
@@ -231,6 +243,24 @@ class _RasterioReader(WindowReader):
             raise ImageReadError(f"{self.path}: window {tuple(window)} cannot be read ({e})") from e
         return np.ascontiguousarray(bands.transpose(1, 2, 0))
 
+    def read_mask_resampled(self, window, out_hw) -> Optional[np.ndarray]:
+        """GDAL's dataset mask of the source window (x0, y0, x1, y1) (fractional source pixels)
+        read at ``out_hw``, nearest neighbour (a mask has no in-between values); None when the
+        image declares no mask."""
+        if not self.has_mask:
+            return None
+        from rasterio.enums import Resampling
+        from rasterio.errors import RasterioIOError
+        from rasterio.windows import Window
+
+        x0, y0, x1, y1 = window
+        try:
+            mask = self._src.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0),
+                                          out_shape=tuple(out_hw), resampling=Resampling.nearest)
+        except RasterioIOError as e:
+            raise ImageReadError(f"{self.path}: mask of window {tuple(window)} cannot be read ({e})") from e
+        return mask > 0
+
     def close(self) -> None:
         if self._src is not None:
             self._src.close()
@@ -244,11 +274,19 @@ class _RasterioResampled(WindowReader):
     def __init__(self, source: _RasterioReader, height: int, width: int):
         self.source, self.path = source, source.path
         self.height, self.width = int(height), int(width)
+        self.dtype, self.has_mask = source.dtype, source.has_mask
         self._fx, self._fy = source.width / self.width, source.height / self.height
 
+    def _source_window(self, x0: int, y0: int, x1: int, y1: int):
+        return (x0 * self._fx, y0 * self._fy, x1 * self._fx, y1 * self._fy)
+
     def read(self, x0: int, y0: int, x1: int, y1: int) -> np.ndarray:
-        window = (x0 * self._fx, y0 * self._fy, x1 * self._fx, y1 * self._fy)
-        return self.source.read_resampled(window, (y1 - y0, x1 - x0))
+        return self.source.read_resampled(self._source_window(x0, y0, x1, y1), (y1 - y0, x1 - x0))
+
+    def read_mask(self, x0: int, y0: int, x1: int, y1: int) -> Optional[np.ndarray]:
+        """The source's valid-data mask at this view's pixels (nearest neighbour)."""
+        return self.source.read_mask_resampled(self._source_window(x0, y0, x1, y1),
+                                               (y1 - y0, x1 - x0))
 
 
 def image_gsd(reader: WindowReader) -> Optional[float]:
