@@ -86,3 +86,70 @@ def test_bad_augmentation_keys():
         cfg.INPUT[node][leaf] = value
         with pytest.raises(ValueError, match=match):
             build_train_augmentation(cfg)
+
+
+def _distinct_outputs(augs, img, draws=40):
+    seen = set()
+    for seed in range(draws):
+        np.random.seed(seed)
+        inp = T.AugInput(img.copy(), boxes=np.array([[5.0, 5.0, 30.0, 30.0]]))
+        T.AugmentationList(augs)(inp)
+        seen.add(inp.image.tobytes())
+    return seen
+
+
+def test_finite_variants_give_at_most_k_versions_of_an_image():
+    """INPUT.AUG_VARIANTS: photometric and scale draws from K fixed sets per image, so a frozen
+    backbone's cache (keyed by the input's pixels) holds them; 0 keeps fresh draws."""
+    from gfocal.data.augmentation import FiniteVariants
+    from gfocal.modeling.feature_cache import FeatureCache
+
+    cfg = _cfg(False)
+    cfg.INPUT.PHOTOMETRIC.BRIGHTNESS = (0.6, 1.4)
+    cfg.INPUT.PHOTOMETRIC.CONTRAST = (0.6, 1.4)
+    cfg.INPUT.SCALE_JITTER.TYPE = "resize_scale"
+    cfg.INPUT.SCALE_JITTER.TARGET_SIZE = 48
+    cfg.INPUT.RANDOM_FLIP = "none"
+    img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    assert len(_distinct_outputs(build_train_augmentation(cfg), img)) > 20  # fresh draws
+    cfg.INPUT.AUG_VARIANTS = 3
+    augs = build_train_augmentation(cfg)
+    assert sum(isinstance(a, FiniteVariants) for a in augs) == 2  # scale, photometric
+    versions = _distinct_outputs(augs, img)
+    assert 1 < len(versions) <= 3 * 3  # K scale draws x K photometric draws of each
+    other = np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    assert not versions & _distinct_outputs(augs, other)  # the seed follows the pixels
+    # deterministic: the same global seed gives the same output, and the global state moves on
+    # as without the wrapper (one draw of k)
+    np.random.seed(7)
+    a = T.AugInput(img.copy())
+    T.AugmentationList(augs)(a)
+    after = np.random.randint(1 << 30)
+    np.random.seed(7)
+    b = T.AugInput(img.copy())
+    T.AugmentationList(augs)(b)
+    assert np.array_equal(a.image, b.image) and np.random.randint(1 << 30) == after
+    # the cache holds one entry per version, within its megabyte cap
+    cache = FeatureCache(max_mb=1.0)
+    import torch
+
+    def compute(x):
+        return {"p3": x.float().mean(dim=1, keepdim=True).repeat(1, 8, 1, 1)}
+
+    for seed in range(40):
+        np.random.seed(seed)
+        inp = T.AugInput(img.copy())
+        T.AugmentationList(augs)(inp)
+        cache(torch.as_tensor(inp.image.transpose(2, 0, 1).copy())[None], compute)
+    assert len(cache) == len(versions) and cache.hits == 40 - len(versions)
+    assert cache.num_bytes <= cache.max_bytes
+
+
+def test_bad_aug_variants():
+    import pytest
+
+    cfg = _cfg(False)
+    cfg.INPUT.PHOTOMETRIC.BRIGHTNESS = (0.8, 1.2)
+    cfg.INPUT.AUG_VARIANTS = -1
+    with pytest.raises(ValueError, match="INPUT.AUG_VARIANTS=-1 must be an integer >= 0"):
+        build_train_augmentation(cfg)

@@ -211,6 +211,12 @@ def add_small_data_config(cfg: CN) -> None:
     _C.INPUT.SCALE_JITTER.MIN_SCALE = 0.8
     _C.INPUT.SCALE_JITTER.MAX_SCALE = 1.25
     _C.INPUT.SCALE_JITTER.TARGET_SIZE = 400
+    # Photometric and scale-jitter draws the frozen backbone's feature cache can hold: > 0 draws
+    # them from AUG_VARIANTS fixed parameter sets per training image (seeded by its pixels and
+    # the variant), so each image has at most that many augmented versions and their features
+    # are cached like any input; 0 draws fresh parameters for every sample (the cache misses).
+    # gfocal/data/augmentation.py: FiniteVariants.
+    _C.INPUT.AUG_VARIANTS = 0
 
     # Test-time augmentation (gfocal/inference/test_time_augmentation.py) beside detectron2's
     # TEST.AUG.ENABLED / MIN_SIZES / MAX_SIZE / FLIP: the 8 symmetries of the square instead of

@@ -11,15 +11,19 @@ with probability ``INPUT.PHOTOMETRIC.PROB`` (other light, other sites). ``INPUT.
 "resize_scale"``: ``T.ResizeScale`` + ``T.FixedSizeCrop`` (large-scale jitter) instead of the
 shortest-edge resize; a plain multi-size jitter is detectron2's ``INPUT.MIN_SIZE_TRAIN`` with
 several sizes. All off by default. Photometric changes make every training image new: a frozen
-backbone's feature cache (``MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB``) then no longer hits.
+backbone's feature cache (``MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB``) then no longer hits,
+unless ``INPUT.AUG_VARIANTS`` = K > 0 (:class:`FiniteVariants`): then each training image has at
+most K photometric / scale versions, drawn once and for all, which the cache holds like any other
+input (at most K x 8 dihedral entries per image, within the cache's megabyte cap).
 """
+import hashlib
 from typing import List
 
 import numpy as np
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation
 
-__all__ = ["RandomTranspose", "TransposeTransform", "build_train_augmentation"]
+__all__ = ["RandomTranspose", "TransposeTransform", "FiniteVariants", "build_train_augmentation"]
 
 
 class TransposeTransform(T.Transform):
@@ -54,6 +58,35 @@ class RandomTranspose(T.Augmentation):
 SCALE_JITTER_TYPES = ("", "resize_scale")
 
 
+class FiniteVariants(T.Augmentation):
+    """``augmentations`` with their random parameters drawn from ``num_variants`` fixed sets per
+    input image: a variant k in [0, K) is drawn (numpy's global random state, as detectron2's
+    augmentations), then the augmentations run with numpy seeded by the image's pixels and k,
+    and the global state is restored. The same image and k always give the same output."""
+
+    def __init__(self, augmentations: List[T.Augmentation], num_variants: int):
+        super().__init__()
+        if not (isinstance(num_variants, int) and num_variants > 0):
+            raise ValueError(f"INPUT.AUG_VARIANTS={num_variants!r} must be an integer > 0 here")
+        self.augmentations = T.AugmentationList(augmentations)
+        self.num_variants = num_variants
+
+    def __call__(self, aug_input) -> T.Transform:
+        k = np.random.randint(self.num_variants)
+        image = np.ascontiguousarray(aug_input.image)
+        digest = hashlib.blake2b(image.tobytes(), digest_size=8)
+        digest.update(f"{image.shape}{image.dtype}{k}".encode())
+        state = np.random.get_state()
+        np.random.seed(int.from_bytes(digest.digest()[:4], "little"))
+        try:
+            return self.augmentations(aug_input)
+        finally:
+            np.random.set_state(state)
+
+    def __repr__(self) -> str:
+        return f"FiniteVariants({self.augmentations}, num_variants={self.num_variants})"
+
+
 def build_train_augmentation(cfg) -> List[T.Augmentation]:
     """detectron2's training augmentations (resize, ``INPUT.RANDOM_FLIP``), or with
     ``INPUT.DIHEDRAL_AUGMENTATION`` the resize followed by both flips and a random transpose;
@@ -71,17 +104,24 @@ def build_train_augmentation(cfg) -> List[T.Augmentation]:
                 f"{jitter.MIN_SCALE}, {jitter.MAX_SCALE}, {jitter.TARGET_SIZE}"
             )
         size = jitter.TARGET_SIZE
-        augs = [
-            T.ResizeScale(jitter.MIN_SCALE, jitter.MAX_SCALE, size, size),
-            T.FixedSizeCrop((size, size)),
-        ] + [a for a in augs if isinstance(a, T.RandomFlip)]
+        scale = [T.ResizeScale(jitter.MIN_SCALE, jitter.MAX_SCALE, size, size),
+                 T.FixedSizeCrop((size, size))]
+        augs = _variants(cfg, scale) + [a for a in augs if isinstance(a, T.RandomFlip)]
     if cfg.INPUT.DIHEDRAL_AUGMENTATION:
         augs = [a for a in augs if not isinstance(a, T.RandomFlip)] + [
             T.RandomFlip(prob=0.5, horizontal=True, vertical=False),
             T.RandomFlip(prob=0.5, horizontal=False, vertical=True),
             RandomTranspose(prob=0.5),
         ]
-    return augs + build_photometric_augmentation(cfg)
+    return augs + _variants(cfg, build_photometric_augmentation(cfg))
+
+
+def _variants(cfg, augs: List[T.Augmentation]) -> List[T.Augmentation]:
+    """``augs``, or with ``INPUT.AUG_VARIANTS`` > 0 one :class:`FiniteVariants` of them."""
+    k = cfg.INPUT.get("AUG_VARIANTS", 0)
+    if not isinstance(k, int) or k < 0:
+        raise ValueError(f"INPUT.AUG_VARIANTS={k!r} must be an integer >= 0 (0: fresh draws)")
+    return [FiniteVariants(augs, k)] if k and augs else augs
 
 
 def build_photometric_augmentation(cfg) -> List[T.Augmentation]:

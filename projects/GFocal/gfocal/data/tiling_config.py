@@ -159,6 +159,7 @@ def _warn_feature_cache(cfg, mode: str) -> None:
     if lite is None or lite.FEATURE_CACHE_MB <= 0:
         return
     jitter = cfg.INPUT.get("SCALE_JITTER") is not None and cfg.INPUT.SCALE_JITTER.TYPE
+    jitter = jitter and not cfg.INPUT.get("AUG_VARIANTS", 0)  # finite variants are cacheable
     if mode == "crop" or jitter:
         why = "random crops (DATASETS.TILING.MODE 'crop')" if mode == "crop" else \
             f"scale jitter (INPUT.SCALE_JITTER.TYPE {cfg.INPUT.SCALE_JITTER.TYPE!r})"
@@ -166,7 +167,8 @@ def _warn_feature_cache(cfg, mode: str) -> None:
             f"MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB={lite.FEATURE_CACHE_MB} with {why}: every "
             "input is new, so the feature cache only costs memory and hashing; set "
             "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB 0 (and a trainable backbone if wanted), or "
-            "use DATASETS.TILING.MODE 'grid' without jitter", stacklevel=3)
+            "use DATASETS.TILING.MODE 'grid' without jitter or with INPUT.AUG_VARIANTS K > 0 (K "
+            "fixed jitter draws per tile, which the cache holds)", stacklevel=3)
 
 
 def warn_if_boxes_too_small(cfg, name: str) -> Optional[str]:
