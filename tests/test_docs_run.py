@@ -130,18 +130,24 @@ def test_smoke_rules_rewrite_as_documented():
 
 def _write_fixtures(ws: str) -> None:
     """The input files the docs name: data/ (a 3-class VOC folder and a COCO JSON of deepforest's
-    images), photo.jpg, photos/, orthomosaic.tif (a GeoTIFF), the smoke tree-crown tiles."""
+    images; data/ortho_xml + data/ortho and data/val_xml + data/val, one VOC image each), photo.jpg, photos/, orthomosaic.tif (a GeoTIFF), the smoke tree-crown tiles."""
     import cv2
 
     from gfocal.data.formats import load_voc_folder
     from gfocal.data.tree_crowns import TileSpec, build_tree_crowns, deepforest_data_dir
 
     source = deepforest_data_dir()
-    for sub in ("data/train_xml", "data/images", "photos", "output"):
+    for sub in ("data/train_xml", "data/images", "data/ortho_xml", "data/ortho", "data/val_xml",
+                "data/val", "photos", "output"):
         os.makedirs(os.path.join(ws, sub), exist_ok=True)
     for stem in ("OSBS_029", "SOAP_061"):
         shutil.copy(os.path.join(source, stem + ".xml"), os.path.join(ws, "data/train_xml"))
         shutil.copy(os.path.join(source, stem + ".png"), os.path.join(ws, "data/images"))
+    # The "orthomosaic" VOC pair of own_data.md's tiling section: small stand-ins (one image each).
+    for stem, xml_dir, image_dir in (("OSBS_029", "data/ortho_xml", "data/ortho"),
+                                     ("SOAP_061", "data/val_xml", "data/val")):
+        shutil.copy(os.path.join(source, stem + ".xml"), os.path.join(ws, xml_dir))
+        shutil.copy(os.path.join(source, stem + ".png"), os.path.join(ws, image_dir))
     records, classes = load_voc_folder(os.path.join(ws, "data/train_xml"), os.path.join(ws, "data/images"))
     coco = {"images": [], "annotations": [],
             "categories": [{"id": i + 1, "name": c} for i, c in enumerate(classes)]}
