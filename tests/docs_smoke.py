@@ -80,11 +80,12 @@ RULES: Dict[str, dict] = {
         "replace": {"--repeats": ["1"]}, "add": {"--height": ["128"], "--width": ["128"]},
         "first": ["--num-gts"],
     },
+    "benchmarks/nodata_skip.py": {"replace": {"--size": ["1024"], "--repeats": ["1"]}},
     "benchmarks/resolution.py": {"replace": {"--gsd": ["0.2"]}, "add": {"--gsd": ["0.2"]}},
     "benchmarks/tiled_predict.py": {
         "replace": {"--repeats": ["1"], "--memory-sizes": ["512"], "--image": ["val"]},
         "add": {"--image": ["val"], "--read-only-size": ["1024"], "--memory-sizes": ["512"],
-                "--runs": ["ours", "sahi_gfl"], "--precision-splits": ["val"]},
+                "--runs": ["ours", "sahi_gfl"]},
         "first": ["--runs"],
     },
 }

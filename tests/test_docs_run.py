@@ -20,6 +20,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -201,7 +202,7 @@ class Runner:
         for line in block.code.replace("\\\n", " ").splitlines():
             command = line.split("  #")[0].strip()
             if command and "$" not in command and command in self.ran_lines:
-                lines.append(f": already run by an earlier block: {command[:60]}")
+                lines.append(": " + shlex.quote(f"already run by an earlier block: {command}"))
             else:
                 lines.append(line)
         return ["bash", "-euo", "pipefail", "-c", "\n".join(lines)]
