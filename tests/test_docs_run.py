@@ -144,9 +144,10 @@ def _write_fixtures(ws: str) -> None:
     for stem in ("OSBS_029", "SOAP_061"):
         shutil.copy(os.path.join(source, stem + ".xml"), os.path.join(ws, "data/train_xml"))
         shutil.copy(os.path.join(source, stem + ".png"), os.path.join(ws, "data/images"))
-    # The "orthomosaic" VOC pair of own_data.md's tiling section: small stand-ins (one image each).
+    # The "orthomosaic" VOC pair of own_data.md's tiling section (one class, the tree config's):
+    # small stand-ins, one image each (OSBS_029 holds only "Tree" boxes).
     for stem, xml_dir, image_dir in (("OSBS_029", "data/ortho_xml", "data/ortho"),
-                                     ("SOAP_061", "data/val_xml", "data/val")):
+                                     ("OSBS_029", "data/val_xml", "data/val")):
         shutil.copy(os.path.join(source, stem + ".xml"), os.path.join(ws, xml_dir))
         shutil.copy(os.path.join(source, stem + ".png"), os.path.join(ws, image_dir))
     records, classes = load_voc_folder(os.path.join(ws, "data/train_xml"), os.path.join(ws, "data/images"))
