@@ -3,8 +3,9 @@
 arguments that shrink its work appended or replaced, so that every command of README.md and
 docs/ runs in seconds:
 
-- training (``train_net.py``, ``tools/main_job.py``, ``tools/run_ablation.py``): 2 iterations of
-  batch 2, inputs and test-time augmentation at 128 px, TTA merged by NMS, no data-loader
+- training (``train_net.py``, ``tools/main_job.py``, ``tools/run_ablation.py``,
+  ``lazyconfig_train_net.py``): 2 iterations of batch 2 on the CPU, inputs and test-time
+  augmentation at 128 px, TTA merged by NMS, no data-loader
   workers, no ImageNet download (``MODEL.WEIGHTS ""`` where the command names no weights);
   the tree-crown tiles are 800 px (16 training, 4 validation tiles; ``DETECTRON2_DATASETS`` of
   the workspace);
@@ -29,8 +30,12 @@ TRAIN_OPTS = [
     "TEST.AUG.MIN_SIZES", "(128,)", "TEST.AUG.MAX_SIZE", "128", "TEST.AUG.MERGE", "nms",
 ]
 LAZY_OPTS = [
-    "train.max_iter=2", "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
-    "dataloader.test.num_workers=0",
+    "train.max_iter=2", "train.device=cpu", "dataloader.train.total_batch_size=2",
+    "dataloader.train.num_workers=0", "dataloader.test.num_workers=0",
+    "dataloader.train.mapper.augmentations.0.short_edge_length=[128]",
+    "dataloader.train.mapper.augmentations.0.max_size=128",
+    "dataloader.test.mapper.augmentations.0.short_edge_length=128",
+    "dataloader.test.mapper.augmentations.0.max_size=128",
 ]
 # Smoke tile size of the tree-crown datasets (the workspace builds them so).
 SMOKE_TILE_SIZE = 800
@@ -75,11 +80,12 @@ RULES: Dict[str, dict] = {
         "replace": {"--repeats": ["1"]}, "add": {"--height": ["128"], "--width": ["128"]},
         "first": ["--num-gts"],
     },
+    "benchmarks/nodata_skip.py": {"replace": {"--size": ["1024"], "--repeats": ["1"]}},
     "benchmarks/resolution.py": {"replace": {"--gsd": ["0.2"]}, "add": {"--gsd": ["0.2"]}},
     "benchmarks/tiled_predict.py": {
         "replace": {"--repeats": ["1"], "--memory-sizes": ["512"], "--image": ["val"]},
         "add": {"--image": ["val"], "--read-only-size": ["1024"], "--memory-sizes": ["512"],
-                "--runs": ["ours", "sahi_gfl"], "--precision-splits": ["val"]},
+                "--runs": ["ours", "sahi_gfl"]},
         "first": ["--runs"],
     },
 }

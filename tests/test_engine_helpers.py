@@ -79,3 +79,17 @@ def test_ablation_plan_sweeps_then_runs_the_seeds_at_the_best_lr(tmp_path):
     with pytest.raises(ValueError, match="variant 'nope'"):
         ablation_config(os.path.join(CONFIG_DIR, "trees", "gfl_lite0_trees.yaml"), "nope", 0.02,
                         0, str(tmp_path))
+
+
+@pytest.mark.parametrize("variant", ["atss", "qfl", "dfl", "gfl", "gflv2"])
+def test_every_gfl_ablation_variant_builds_on_the_tree_recipe(variant, tmp_path):
+    """The tree recipe votes with variance weights; the Dirac variants (no distribution) must
+    still build (tools/run_ablation.py --variants atss qfl ...)."""
+    from detectron2.modeling import build_model
+
+    from gfocal.engine.ablation import ablation_config
+
+    cfg = ablation_config(os.path.join(CONFIG_DIR, "trees", "gfl_lite0_trees.yaml"), variant, 0.02,
+                          0, str(tmp_path), opts=["MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB", "0"])
+    assert cfg.MODEL.GFL.BOX_VOTING.ENABLED
+    build_model(cfg)

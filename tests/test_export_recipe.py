@@ -1,7 +1,8 @@
 """The FAQ's onnxruntime recipe (docs/faq.md) on models exported by ``tools/export_model.py``: it
 reads the channel order and test size from the model's metadata, and its detections match eager
 PyTorch's (detectron2's ``DefaultPredictor`` on the same image, weights and config) for at least
-99% of the boxes at IoU 0.9, on the tree model (RGB, 400 px) and on a BGR COCO config."""
+99% of the boxes at IoU 0.9, on the tree model (RGB, 400 px) and on a BGR COCO config. The
+exported graph also runs on an image without a single candidate box (no box, no error)."""
 import os
 import re
 import runpy
@@ -136,6 +137,28 @@ def test_faq_recipe_matches_eager_detections(case, tmp_path):
                           ort_boxes, ort_classes) >= 0.99
     assert match_fraction(ort_boxes[ort_keep], ort_classes[ort_keep],
                           eager.pred_boxes, eager.pred_classes) >= 0.99
+
+    # An image without a single candidate above the threshold: the graph traced on the sample
+    # (which has candidates) returns no box instead of failing (ONNX Runtime's ReduceSum of an
+    # empty tensor, gfocal/modeling/integral.py). The class bias of the exported file is set so
+    # low that no score passes.
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(out / "model.onnx"))
+    biases = [t for t in proto.graph.initializer if t.name.endswith("cls_score.bias")]
+    assert len(biases) == 1, [t.name for t in proto.graph.initializer][:20]
+    biases[0].CopyFrom(numpy_helper.from_array(
+        np.full(numpy_helper.to_array(biases[0]).shape, -30.0, np.float32), biases[0].name))
+    onnx.save(proto, str(tmp_path / "no_candidates.onnx"))
+    sys.argv = [str(script), str(tmp_path / "no_candidates.onnx"), str(image_path),
+                str(tmp_path / "drawn_none.png")]
+    try:
+        empty = runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert empty["boxes"].shape == (0, 4) and len(empty["scores"]) == 0
+    assert (cv2.imread(str(tmp_path / "drawn_none.png")) == bgr).all()
 
     # The comparison can fail: the other channel order gives other boxes.
     with torch.no_grad():

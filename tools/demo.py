@@ -111,13 +111,22 @@ def _expand_inputs(inputs: List[str]) -> List[str]:
     return paths
 
 
+def _output_is_folder(out: str, inputs: List[str], paths: List[str]) -> bool:
+    """``--output`` names a folder (one drawing per input, under the input's file name) when it is
+    one already, ends with a separator, has no image extension, or the input is a folder, a glob
+    or several files; else it is the drawing's file name (one input image)."""
+    return (os.path.isdir(out) or out.endswith(os.sep) or len(paths) > 1
+            or not out.lower().endswith(IMAGE_EXTENSIONS)
+            or any(os.path.isdir(item) or glob.has_magic(item) for item in inputs))
+
+
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(parser)
     media = parser.add_mutually_exclusive_group(required=True)
     media.add_argument("--input", nargs="+", help="image files, globs ('dir/*.jpg') or folders")
     media.add_argument("--video-input", help="a video file")
-    parser.add_argument("--output", help="file or folder for the drawn results; without it, a window")
+    parser.add_argument("--output", help="folder for the drawn results (one image file per input, under its name), or a file name with an image extension for a single input image; without it, a window")
     add_dataset_arguments(parser)
     return parser
 
@@ -147,7 +156,7 @@ def _run_images(args, predictor: DefaultPredictor, metadata) -> None:
         result = drawn.get_image()[:, :, ::-1]
         if args.output:
             out = args.output
-            if os.path.isdir(out) or len(paths) > 1 or out.endswith(os.sep):
+            if _output_is_folder(out, args.input, paths):
                 os.makedirs(out, exist_ok=True)
                 out = os.path.join(out, os.path.basename(path))
             else:

@@ -59,7 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--single", nargs=3, metavar=("VARIANT", "LR", "SEED"), help=argparse.SUPPRESS)
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides for every run")
-    return p.parse_args(argv)
+    from gfocal.config import split_config_overrides
+
+    # Split first: a list flag (--nms / --seeds ...) would read trailing KEY VALUE pairs as values.
+    flags, opts = split_config_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(flags)
+    args.opts = list(args.opts) + opts
+    return args
 
 
 def plan_of(args: argparse.Namespace) -> AblationPlan:

@@ -11,6 +11,7 @@ Prints a Markdown table and writes it with the numbers to ``<output-dir>/sweep_i
 import argparse
 import json
 import os
+import sys
 from typing import Dict, List
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,7 +33,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--output-dir", default=os.path.join(REPO, "output/sweep_inference"))
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
-    return p.parse_args(argv)
+    from gfocal.config import split_config_overrides
+
+    # Split first: a list flag (--nms / --seeds ...) would read trailing KEY VALUE pairs as values.
+    flags, opts = split_config_overrides(sys.argv[1:] if argv is None else argv)
+    args = p.parse_args(flags)
+    args.opts = list(args.opts) + opts
+    return args
 
 
 def main(argv=None) -> List[Dict[str, float]]:

@@ -1,7 +1,8 @@
 """Config keys of the GFL project, added to a detectron2 config by :func:`add_gfl_config`."""
 import math
 import os
-from typing import Sequence
+import re
+from typing import List, Sequence, Tuple
 
 from detectron2.config import CfgNode as CN
 
@@ -384,3 +385,14 @@ def load_lazy_config(config_file: str, opts: Sequence[str] = ()):
     if not os.path.isfile(config_file):
         raise FileNotFoundError(f"--config-file {config_file}: no such file")
     return LazyConfig.apply_overrides(LazyConfig.load(config_file), list(opts))
+
+
+def split_config_overrides(argv: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """``argv`` split at its first config key (``SOLVER.MAX_ITER``: upper-case words joined by
+    dots): the tool's own flags, then the ``KEY VALUE`` overrides. A flag that takes a list
+    (``--nms 0.6 0.5``) would otherwise read the overrides that follow it as its values."""
+    argv = list(argv)
+    for i, word in enumerate(argv):
+        if re.fullmatch(r"[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+", word) and (i == 0 or argv[i - 1] != "--"):
+            return argv[:i], argv[i:]
+    return argv, []

@@ -26,16 +26,21 @@ TRAIN_SET, VAL_SET = "neon_trees_train", "neon_trees_val"
 PR_KEYS = ("precision", "recall", "f1")  # at IoU 0.4, the score threshold chosen on training tiles
 
 # name -> (label in the table, config overrides)
+# A Dirac box has no edge distribution for variance-weighted voting (the tree recipe's): with
+# voting on, the Dirac variants weight the votes by score (gfocal/modeling/box_voting.py).
+DIRAC_VOTING = ["MODEL.GFL.BOX_VOTING.WEIGHTING", "score"]
 VARIANTS: Dict[str, tuple] = {
     "atss": (
         "ATSS baseline (FL + centerness + Dirac)",
         ["MODEL.GFL.CLS_LOSS", "FL", "MODEL.GFL.QUALITY", "centerness",
-         "MODEL.GFL.BOX_REPRESENTATION", "dirac", "MODEL.GFL.USE_DFL", "False"],
+         "MODEL.GFL.BOX_REPRESENTATION", "dirac", "MODEL.GFL.USE_DFL", "False",
+         *DIRAC_VOTING],
     ),
     "qfl": (
         "QFL only (joint score, Dirac box)",
         ["MODEL.GFL.CLS_LOSS", "QFL", "MODEL.GFL.QUALITY", "joint",
-         "MODEL.GFL.BOX_REPRESENTATION", "dirac", "MODEL.GFL.USE_DFL", "False"],
+         "MODEL.GFL.BOX_REPRESENTATION", "dirac", "MODEL.GFL.USE_DFL", "False",
+         *DIRAC_VOTING],
     ),
     "dfl": (
         "DFL only (FL + centerness, distribution box)",

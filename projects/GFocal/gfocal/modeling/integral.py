@@ -21,7 +21,10 @@ class Integral(nn.Module):
     def forward(self, logits: Tensor) -> Tensor:
         """logits: (..., 4 * (reg_max + 1)) -> distances (..., 4) in bins (stride units)."""
         prob = F.softmax(logits.float().unflatten(-1, (4, self.reg_max + 1)), dim=-1)
-        return (prob * self.project).sum(dim=-1)
+        # The reshape restates the shape the sum already has: ONNX Runtime's ReduceSum returns an
+        # empty input unreduced ((0, 4, 17), not (0, 4)), so an exported model would fail on an
+        # image without a single candidate box.
+        return (prob * self.project).sum(dim=-1).reshape(logits.shape[:-1] + (4,))
 
 
 def distances_to_boxes(centers: Tensor, distances: Tensor) -> Tensor:
