@@ -103,3 +103,12 @@ def test_openvino_bf16_runs_close_to_fp32(eager, image):
                           backend="openvino", precision="bf16")(image).instances
     assert len(bf16) > 50
     assert box_agreement(fp32.pred_boxes.tensor, bf16.pred_boxes.tensor, iou=0.5) >= 0.9
+
+
+def test_default_falls_back_to_torch_without_openvino(eager, monkeypatch, caplog):
+    """The CPU default (OpenVINO) is not an error when the package is missing: eager NHWC."""
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
+    with caplog.at_level("WARNING"):
+        fallback = TiledPredictor(model=eager.model, input_format="RGB", patch_size=256, overlap=64)
+    assert (fallback.backend_name, fallback.channels_last) == ("torch", True)
+    assert "pip install openvino==" in caplog.text and "running --backend torch" in caplog.text

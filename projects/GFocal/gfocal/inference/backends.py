@@ -22,8 +22,8 @@ from detectron2.structures import Instances
 
 from .forward import run_detector
 
-__all__ = ["BACKENDS", "INSTALL_COMMANDS", "check_backend", "build_backend", "TorchBackend",
-           "RuntimeBackend", "CompiledModule"]
+__all__ = ["BACKENDS", "INSTALL_COMMANDS", "check_backend", "has_dense_parts", "runtime_package",
+           "build_backend", "TorchBackend", "RuntimeBackend", "CompiledModule"]
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 INSTALL_COMMANDS = {
@@ -34,7 +34,8 @@ INSTALL_COMMANDS = {
 RUNTIME_PRECISIONS = {"onnxruntime": {"fp32": None}, "openvino": {"fp32": "f32", "bf16": "bf16"}}
 
 
-def _module(backend: str):
+def runtime_package(backend: str):
+    """The package of ``backend``; ImportError with its install command when it is missing."""
     try:
         if backend == "onnxruntime":
             import onnxruntime
@@ -50,6 +51,11 @@ def _module(backend: str):
         ) from None
 
 
+def has_dense_parts(model: nn.Module) -> bool:
+    """Whether ``model`` has the ``backbone`` and ``head`` modules a runtime backend runs."""
+    return all(isinstance(getattr(model, part, None), nn.Module) for part in ("backbone", "head"))
+
+
 def check_backend(backend: str, model: nn.Module, precision: str, channels_last: bool) -> None:
     """Refuse an unknown backend, a missing package (with the install command) and options the
     runtime cannot run, each naming the flag."""
@@ -57,17 +63,16 @@ def check_backend(backend: str, model: nn.Module, precision: str, channels_last:
         raise ValueError(f"--backend {backend!r} must be one of {BACKENDS}")
     if backend == "torch":
         return
-    _module(backend)
+    runtime_package(backend)
     if precision not in RUNTIME_PRECISIONS[backend]:
         raise ValueError(f"--backend {backend} runs in {sorted(RUNTIME_PRECISIONS[backend])}: "
                          f"--precision {precision!r} is for --backend torch")
     if channels_last:
         raise ValueError(f"--backend {backend} chooses its own memory layout: --channels-last is "
                          "for --backend torch")
-    for part in ("backbone", "head"):
-        if not isinstance(getattr(model, part, None), nn.Module):
-            raise ValueError(f"--backend {backend} runs a dense detector's {part}; "
-                             f"{type(model).__name__} has no {part} module")
+    if not has_dense_parts(model):
+        raise ValueError(f"--backend {backend} runs a dense detector's backbone and head; "
+                         f"{type(model).__name__} has no backbone and head modules")
 
 
 class TorchBackend:
@@ -120,7 +125,7 @@ class CompiledModule(nn.Module):
             leaves, spec = pytree.tree_flatten(self.source(list(tensors) if as_list else tensors[0]))
         spec = (spec, [leaf is None for leaf in leaves])  # a graph has no None outputs
         names = [f"input{i}" for i in range(len(tensors))]
-        runtime = _module(self.backend)
+        runtime = runtime_package(self.backend)
         # Through an ONNX file for both runtimes: OpenVINO's own PyTorch frontend crashed
         # (segmentation fault) converting detectron2's ResNet backbone.
         path = os.path.join(self._dir.name, f"graph{len(self._runners)}.onnx")

@@ -15,7 +15,7 @@ from detectron2.structures import Boxes, Instances
 from ..model_io.weights import load_evaluated_weights
 from ..modeling.inference_thresholds import inference_thresholds
 from ..tiling import check_tiling, tile_windows
-from .backends import INSTALL_COMMANDS, build_backend
+from .backends import build_backend, has_dense_parts, runtime_package
 from .forward import PRECISIONS, prepare_model
 from .merge import merge_detections
 from .nodata import NodataFilter, check_nodata_value
@@ -48,14 +48,12 @@ DEVICE_DEFAULTS = {
 def _default_backend(name: str, model: torch.nn.Module) -> str:
     """``name``, or ``torch``: for a model that is not a backbone + head detector, or (with a
     warning) when the package of ``name`` is not installed."""
-    if name == "torch" or not all(isinstance(getattr(model, part, None), torch.nn.Module)
-                                  for part in ("backbone", "head")):
+    if name == "torch" or not has_dense_parts(model):
         return "torch"
     try:
-        __import__(name)
-    except ImportError:
-        logger.warning("The CPU default backend %s is not installed (%s); running --backend torch",
-                       name, INSTALL_COMMANDS[name])
+        runtime_package(name)
+    except ImportError as e:
+        logger.warning("%s; running --backend torch", e)
         return "torch"
     return name
 
