@@ -110,6 +110,32 @@ def test_grid_tiles_train_and_evaluate_on_whole_images(tmp_path):
     assert "whole_image" in log  # the results table of the task
 
 
+@pytest.mark.trains_in_subprocess
+def test_train_net_trains_on_random_crops(tmp_path):
+    """``train_net.py`` with ``DATASETS.TILING.MODE crop`` (the YAML twin of the LazyConfig test
+    below): two iterations on 128 px random crops of the large image, no grid written."""
+    csv = orthomosaic(tmp_path / "big")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-W", "ignore", os.path.join(REPO_ROOT, "train_net.py"),
+        "--config-file", TREES, "--dataset", f"crop_big=csv:{csv}",
+        "DATASETS.TRAIN", "('crop_big',)", "DATASETS.TEST", "()",
+        "DATASETS.TILING.MODE", "crop", "DATASETS.TILING.SIZE", "128",
+        "DATASETS.TILING.OVERLAP", "32", "DATASETS.TILING.CACHE_DIR", str(tmp_path / "tiles"),
+        "MODEL.DEVICE", "cpu", "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB", "0",
+        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+        "INPUT.MAX_SIZE_TRAIN", "128", "OUTPUT_DIR", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "model_final.pth").is_file()
+    log = (out / "log.txt").read_text()
+    assert "Starting training from iteration 0" in log
+    assert not (tmp_path / "tiles").exists()  # crops of the whole image, no grid written
+
+
 # ------------------------------------------------------------------------------------------------
 # Random crops and the box rule at the cuts
 # ------------------------------------------------------------------------------------------------
