@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -211,9 +212,15 @@ class Runner:
     def run(self, block: Block) -> subprocess.CompletedProcess:
         if block.id in self.results:
             return self.results[block.id]
+        start = time.perf_counter()
         done = subprocess.run(self.script(block), cwd=self.ws, env=self.env, capture_output=True,
                               text=True, timeout=1200)
         self.results[block.id] = done
+        # One line per block as it ends (seconds, exit status, 1-minute load), so that a run cut
+        # short still says which blocks cost what: <workspace>/block_times.tsv.
+        with open(os.path.join(self.ws, "block_times.tsv"), "a") as f:
+            f.write(f"{block.id}\t{time.perf_counter() - start:.1f}\t{done.returncode}\t"
+                    f"{os.getloadavg()[0]:.2f}\n")
         if done.returncode == 0 and block.lang == "bash":
             for line in block.code.replace("\\\n", " ").splitlines():
                 self.ran_lines.add(line.split("  #")[0].strip())
