@@ -67,6 +67,20 @@ def tiled_cfg(tmp_path, train=(), test=(), **keys):
     return load_config(TREES, opts)
 
 
+def run_two_iterations(cmd, out) -> None:
+    """Run ``cmd`` (a train_net.py command) for 2 iterations of batch 2 at 128 px on the CPU,
+    writing to ``out``; fail with its output's end if it exits non-zero."""
+    cmd = cmd + [
+        "MODEL.DEVICE", "cpu", "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB", "0",
+        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+        "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)",
+        "INPUT.MAX_SIZE_TRAIN", "128", "OUTPUT_DIR", str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
 # ------------------------------------------------------------------------------------------------
 # Grid mode end to end
 # ------------------------------------------------------------------------------------------------
@@ -85,15 +99,10 @@ def test_grid_tiles_train_and_evaluate_on_whole_images(tmp_path):
         "DATASETS.TILING.MODE", "grid", "DATASETS.TILING.SIZE", "128",
         "DATASETS.TILING.OVERLAP", "32", "DATASETS.TILING.CACHE_DIR", str(tiles),
         "TEST.WHOLE_IMAGE.ENABLED", "True", "TEST.AUG.ENABLED", "False",
-        "MODEL.DEVICE", "cpu", "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB", "0",
-        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
-        "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)",
-        "INPUT.MAX_SIZE_TRAIN", "128", "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
-        "MODEL.GFL.SCORE_THRESH_TEST", "0.0", "OUTPUT_DIR", str(out),
+        "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
+        "MODEL.GFL.SCORE_THRESH_TEST", "0.0",
     ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_iterations(cmd, out)
     train_json, val_json = (sorted(tiles.glob(f"{n}_128_*/instances.json")) for n in
                             ("big_train", "big_val"))
     assert len(train_json) == 1 and len(val_json) == 1
@@ -122,14 +131,8 @@ def test_train_net_trains_on_random_crops(tmp_path):
         "DATASETS.TRAIN", "('crop_big',)", "DATASETS.TEST", "()",
         "DATASETS.TILING.MODE", "crop", "DATASETS.TILING.SIZE", "128",
         "DATASETS.TILING.OVERLAP", "32", "DATASETS.TILING.CACHE_DIR", str(tmp_path / "tiles"),
-        "MODEL.DEVICE", "cpu", "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB", "0",
-        "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
-        "SOLVER.STEPS", "()", "DATALOADER.NUM_WORKERS", "0", "INPUT.MIN_SIZE_TRAIN", "(128,)",
-        "INPUT.MAX_SIZE_TRAIN", "128", "OUTPUT_DIR", str(out),
     ]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_iterations(cmd, out)
     assert (out / "model_final.pth").is_file()
     log = (out / "log.txt").read_text()
     assert "Starting training from iteration 0" in log
