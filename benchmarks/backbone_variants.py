@@ -8,7 +8,7 @@ Each variant's model is built from the tree config (ImageNet backbone weights fr
 head at its initial weights: the time does not depend on them), in eval mode, and run on the same
 400 px validation tile, batch 1, no TTA; the variants take turns round by round
 (``timing.interleaved``) so that machine load hits them alike. Reported: the median forward time
-per tile, the backbone's share of it, and the median same-round ratio to Lite0. Absolute times
+per tile, the time of its backbone (with the FPN), and the median same-round ratio to Lite0. Absolute times
 only mean something on a quiet machine (the 1-minute load is printed).
 """
 import argparse
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0]
     print(f"CPU {cpu_model()}, {args.threads} threads, "
           f"1-min load {load:.2f}")
-    print(f"| variant | forward per 400 px tile (ms) | backbone (ms) | time / {base} |")
+    print(f"| variant | forward per 400 px tile (ms) | backbone + FPN (ms) | time / {base} |")
     print("|---|---|---|---|")
     for v, r in rows.items():
         print(f"| {v} | {r['total_ms']:.1f} | {r['backbone_ms']:.1f} | {r[f'ratio_to_{base}']:.2f} |")
