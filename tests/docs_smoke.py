@@ -82,6 +82,10 @@ RULES: Dict[str, dict] = {
     },
     "benchmarks/nodata_skip.py": {"replace": {"--size": ["1024"], "--repeats": ["1"]}},
     "benchmarks/resolution.py": {"replace": {"--gsd": ["0.2"]}, "add": {"--gsd": ["0.2"]}},
+    "benchmarks/robustness.py": {"replace": {"--shifts": ["none", "blur-sigma1.5"]},
+                                 "add": {"--shifts": ["none", "blur-sigma1.5"]}},
+    "benchmarks/backbone_variants.py": {"replace": {"--repeats": ["1"], "--warmup": ["0"]},
+                                        "add": {"--warmup": ["0"], "--variants": ["lite0", "lite1"]}},
     "benchmarks/tiled_predict.py": {
         "replace": {"--repeats": ["1"], "--memory-sizes": ["512"], "--image": ["val"]},
         "add": {"--image": ["val"], "--read-only-size": ["1024"], "--memory-sizes": ["512"],
