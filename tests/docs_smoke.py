@@ -87,9 +87,11 @@ RULES: Dict[str, dict] = {
     "benchmarks/backbone_variants.py": {"replace": {"--repeats": ["1"], "--warmup": ["0"]},
                                         "add": {"--warmup": ["0"], "--variants": ["lite0", "lite1"]}},
     "benchmarks/tiled_predict.py": {
-        "replace": {"--repeats": ["1"], "--memory-sizes": ["512"], "--image": ["val"]},
+        "replace": {"--repeats": ["1"], "--memory-sizes": ["512"], "--image": ["val"],
+                    "--crop": ["800"]},
         "add": {"--image": ["val"], "--read-only-size": ["1024"], "--memory-sizes": ["512"],
-                "--runs": ["ours", "sahi_gfl"]},
+                "--runs": ["ours", "sahi_gfl"], "--crop": ["800"],
+                "--sweep-variants": ["fp32_b1", "openvino_b1"]},
         "first": ["--runs"],
     },
 }

@@ -14,7 +14,12 @@ visible marker that says why it cannot run here.
   outputs).
 - Python blocks run with ``bgr_image`` (an (H, W, 3) uint8 BGR image) and ``cfg`` (the tree
   config) defined, the names the docs use for "your image" and "a yacs GFL config".
-- A command line (bash, without ``$``) that an earlier block already ran is not run again.
+- A command line (bash, without ``$``) that a block it depends on already ran is not run again.
+- Blocks run two at a time (``GFOCAL_DOCS_JOBS``), each after the blocks it depends on: the
+  earlier block of its own document, and every earlier block that writes an ``output/`` path it
+  names or names a path it writes (``block_writes``: the ``--output`` / ``--output-dir`` /
+  ``OUTPUT_DIR`` it passes, else the script's or the config's default; a Python block writes
+  every path it names). The README's first block (the main job) runs before all others.
 """
 import glob
 import json
@@ -25,9 +30,11 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 import pytest
 
@@ -126,6 +133,35 @@ def test_smoke_rules_rewrite_as_documented():
     assert smoke_argv("tools/unknown.py", ["--x", "1"]) == ["--x", "1"]
 
 
+def test_blocks_that_share_outputs_are_ordered():
+    """The schedule's dependencies: same document in order, read after write across documents,
+    a config's default OUTPUT_DIR as a write, commands of the first block skipped."""
+    def block(path, code, lang="bash"):
+        return Block(os.path.join(REPO_ROOT, path), 1, lang, code, "")
+
+    blocks = [
+        block("README.md", ".venv/bin/python tools/main_job.py  # the main job\n"),
+        block("docs/a.md", ".venv/bin/python tools/yell_geotiff.py --split val --output output/a.tif\n"),
+        block("docs/a.md", "ls output/main_job/train/model_final.pth\n"),
+        block("docs/b.md", ".venv/bin/python tools/predict.py --weights w --output output/p output/a.tif\n"),
+        block("docs/b.md", ".venv/bin/python train_net.py --config-file configs/trees/gfl_lite0_trees.yaml\n"),
+        block("docs/c.md", ".venv/bin/python train_net.py --config-file configs/trees/gfl_lite0_trees.yaml "
+                           "--eval-only MODEL.WEIGHTS output/main_job/train/model_final.pth\n"),
+        block("docs/c.md", "bash tools/setup_env.sh && .venv/bin/python tools/main_job.py\n"),
+        block("docs/d.md", "cat output/p/detections.csv\n"),
+    ]
+    assert block_writes(blocks[4]) == {"output/trees/gfl_lite0"}  # the config's OUTPUT_DIR
+    assert block_writes(blocks[6], {".venv/bin/python tools/main_job.py"}) == set()
+    deps = dependencies(blocks)
+    assert deps[1] <= {0}
+    assert 1 in deps[2]  # same document
+    assert 1 in deps[3]  # reads output/a.tif, which docs/a.md writes
+    assert 4 in deps[5]  # both write output/trees/gfl_lite0
+    assert 2 not in deps[5] and 3 not in deps[5]  # reads only, or other paths: parallel
+    assert deps[6] <= {0, 5}  # the main job again is skipped: it writes nothing
+    assert 3 in deps[7] and 4 not in deps[7]
+
+
 # ---------------------------------------------------------------------------------------------
 # The workspace and the runner
 
@@ -177,8 +213,8 @@ def _write_fixtures(ws: str) -> None:
 class Runner:
     def __init__(self, ws: str):
         self.ws = ws
-        self.ran_lines: set = set()
         self.results: Dict[str, subprocess.CompletedProcess] = {}
+        self._lock = threading.Lock()
         shim_dir = os.path.join(ws, ".venv", "bin")
         os.makedirs(shim_dir, exist_ok=True)
         for name in ("python", "python3"):
@@ -197,38 +233,71 @@ class Runner:
         )
         self.env.pop("GFOCAL_SIMULATE_UPSTREAM_NO_OPS", None)
 
-    def script(self, block: Block) -> List[str]:
+    def script(self, block: Block, already_run: Set[str]) -> List[str]:
         if block.lang == "python":
             return [".venv/bin/python", "-c", PYTHON_PRELUDE + block.code]
         lines = []
         for line in block.code.replace("\\\n", " ").splitlines():
-            command = line.split("  #")[0].strip()
-            if command and "$" not in command and command in self.ran_lines:
-                lines.append(": " + shlex.quote(f"already run by an earlier block: {command}"))
-            else:
-                lines.append(line)
+            parts = []
+            for part in line.split(" && "):
+                command = " ".join(re.split(r"\s#", part)[0].split())
+                if command and _skippable(command) and command in already_run:
+                    parts.append(": " + shlex.quote(f"already run by an earlier block: {command}"))
+                else:
+                    parts.append(part)
+            lines.append(" && ".join(parts))
         return ["bash", "-euo", "pipefail", "-c", "\n".join(lines)]
 
-    def run(self, block: Block) -> subprocess.CompletedProcess:
-        if block.id in self.results:
-            return self.results[block.id]
+    def _run_one(self, block: Block, already_run: Set[str]) -> subprocess.CompletedProcess:
         start = time.perf_counter()
-        done = subprocess.run(self.script(block), cwd=self.ws, env=self.env, capture_output=True,
-                              text=True, timeout=1200)
-        self.results[block.id] = done
+        done = subprocess.run(self.script(block, already_run), cwd=self.ws, env=self.env,
+                              capture_output=True, text=True, timeout=1200)
         # One line per block as it ends (seconds, exit status, 1-minute load), so that a run cut
         # short still says which blocks cost what: <workspace>/block_times.tsv.
-        with open(os.path.join(self.ws, "block_times.tsv"), "a") as f:
+        with self._lock, open(os.path.join(self.ws, "block_times.tsv"), "a") as f:
             f.write(f"{block.id}\t{time.perf_counter() - start:.1f}\t{done.returncode}\t"
                     f"{os.getloadavg()[0]:.2f}\n")
-        if done.returncode == 0 and block.lang == "bash":
-            for line in block.code.replace("\\\n", " ").splitlines():
-                self.ran_lines.add(line.split("  #")[0].strip())
         return done
+
+    def run_all(self, blocks: List[Block], wanted: Set[str], jobs: int) -> None:
+        """Run the ``wanted`` blocks (ids) and the blocks they depend on, ``jobs`` at a time, each
+        after its dependencies (``dependencies``); ``blocks[0]`` first, alone."""
+        deps = dependencies(blocks)
+        ancestors: List[Set[int]] = []
+        for d in deps:
+            ancestors.append(set(d).union(*(ancestors[i] for i in d)) if d else set())
+        needed = {j for j, b in enumerate(blocks) if b.id in wanted}
+        needed |= {0}.union(*(ancestors[j] for j in needed))
+        ran: Dict[int, Set[str]] = {}  # the commands of each block that exited 0
+
+        def go(j: int) -> subprocess.CompletedProcess:
+            already = set().union(*(ran.get(i, set()) for i in ancestors[j]))
+            done = self._run_one(blocks[j], already)
+            if done.returncode == 0 and blocks[j].lang == "bash":
+                ran[j] = {c for line in blocks[j].code.replace("\\\n", " ").splitlines()
+                          for c in commands(line)}
+            return done
+
+        self.results[blocks[0].id] = go(0)
+        if self.results[blocks[0].id].returncode != 0:
+            return  # the fixture reports it; the other blocks need its model
+        pending = sorted(needed - {0})
+        finished = {0}
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            running = {}
+            while pending or running:
+                for j in [j for j in pending if (deps[j] & needed) <= finished][: jobs - len(running)]:
+                    pending.remove(j)
+                    running[pool.submit(go, j)] = j
+                done_futures, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done_futures:
+                    j = running.pop(future)
+                    self.results[blocks[j].id] = future.result()
+                    finished.add(j)
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory):
+def runner(request, tmp_path_factory):
     ws = os.environ.get("GFOCAL_DOCS_WORKSPACE") or str(tmp_path_factory.mktemp("docs_workspace"))
     if os.path.isdir(ws):  # a kept workspace (GFOCAL_DOCS_WORKSPACE) starts again from nothing
         shutil.rmtree(ws)
@@ -240,9 +309,18 @@ def runner(tmp_path_factory):
     r = Runner(ws)
     first = RUN_BLOCKS[0]  # the README's first command: the main job, whose model later blocks use
     assert "tools/main_job.py" in first.code, first.id
-    done = r.run(first)
-    assert done.returncode == 0, _tail(done)
+    # The blocks this session's tests ask for (all of them, or those -k selects), with what they
+    # depend on.
+    wanted = {item.callspec.params["block"].id for item in request.session.items
+              if item.originalname == "test_documented_block_runs"}
+    # whole_images.md's Python names the main job's model "model_final.pth" (written by `first`).
     os.symlink(os.path.join(ws, "output/main_job/train/model_final.pth"), os.path.join(ws, "model_final.pth"))
+    start = time.perf_counter()
+    r.run_all(RUN_BLOCKS, wanted | {first.id}, int(os.environ.get("GFOCAL_DOCS_JOBS", "2")))
+    with open(os.path.join(ws, "block_times.tsv"), "a") as f:
+        f.write(f"total\t{time.perf_counter() - start:.1f}\t\t{os.getloadavg()[0]:.2f}\n")
+    done = r.results[first.id]
+    assert done.returncode == 0, _tail(done)
     return r
 
 
@@ -256,6 +334,109 @@ def named_outputs(block: Block) -> List[str]:
         if key in block.code:
             paths += files
     return sorted(set(paths))
+
+
+# What a command writes when it is given no output flag: the script's argparse default, and for
+# the training scripts the config's OUTPUT_DIR (train.output_dir of a LazyConfig).
+_OUTPUT_FLAG = re.compile(r"(?:--output(?:-dir)?[ =]|OUTPUT_DIR |train\.output_dir=)\s*['\"]?([\w./$-]+)")
+_SCRIPT = re.compile(r"(?:^|\s)(?:\S*python3?\s+)([\w./-]+\.py)\b")
+_TRAINING = ("train_net.py", "lazyconfig_train_net.py")
+
+
+def _norm(path: str) -> str:
+    path = path.split("$")[0]
+    while path.startswith("./"):
+        path = path[2:]
+    return path.rstrip("/")
+
+
+def _default_output(script: str, command: str) -> Optional[str]:
+    """Where ``script`` writes when ``command`` passes no output flag (None: nowhere we know)."""
+    source = os.path.join(REPO_ROOT, script)
+    if os.path.basename(script) in _TRAINING:
+        m = re.search(r"--config-file[ =](\S+)", command)
+        return _config_output_dir(m.group(1)) if m else "output"
+    if not os.path.isfile(source):
+        return None
+    m = re.search(r'add_argument\("--output(?:-dir)?", default=(?:os\.path\.join\(REPO, )?"([^"]+)"',
+                  open(source, encoding="utf-8").read())
+    return _norm(m.group(1)) if m else None
+
+
+def _config_output_dir(config: str) -> str:
+    """A config's OUTPUT_DIR (following ``_BASE_``), detectron2's ``./output`` if none."""
+    if _norm(config).startswith("output/"):  # a run's config.yaml, dumped into its OUTPUT_DIR
+        return os.path.dirname(_norm(config))
+    path = os.path.join(REPO_ROOT, config)
+    if not os.path.isfile(path):
+        return "output"
+    text = open(path, encoding="utf-8").read()
+    m = re.search(r'^(?:OUTPUT_DIR:|train\.output_dir =)\s*"([^"]+)"', text, flags=re.M)
+    if m:
+        return _norm(m.group(1))
+    base = re.search(r'^_BASE_:\s*"([^"]+)"', text, flags=re.M)
+    if base:
+        return _config_output_dir(os.path.join(os.path.dirname(config), base.group(1)))
+    return "output"
+
+
+def commands(line: str) -> List[str]:
+    """The commands of one shell line (continuations joined), split at ``&&``, without the
+    comment, whitespace collapsed: the unit a block's ``already run`` rule compares."""
+    line = re.split(r"\s#", line)[0]
+    return [" ".join(part.split()) for part in line.split(" && ") if part.strip()]
+
+
+def _skippable(command: str) -> bool:
+    """A command the ``already run`` rule may skip: a script run, without shell variables (not
+    ``done`` or ``fi``, whose removal would break the shell syntax)."""
+    return "$" not in command and ("python" in command or command.startswith("bash "))
+
+
+def block_writes(block: Block, already_run: Set[str] = frozenset()) -> Set[str]:
+    """The ``output/`` paths a block writes, less its commands in ``already_run`` (a superset is
+    safe: it only orders more blocks)."""
+    if block.lang == "python":
+        return set(map(_norm, named_outputs(block)))
+    written = set()
+    for line in block.code.replace("\\\n", " ").splitlines():
+        for command in commands(line):
+            if command in already_run:
+                continue
+            if " -c " in command:  # inline Python: anything it names
+                written.update(_norm(p) for p in re.findall(r"(?<![\w/])output/[\w./-]*[\w/]", command))
+                continue
+            flags = [_norm(p) for p in _OUTPUT_FLAG.findall(command)]
+            written.update(p for p in flags if p.startswith("output"))
+            if not flags:
+                for script in _SCRIPT.findall(command):
+                    default = _default_output(script, command)
+                    if default:
+                        written.add(default)
+    return written
+
+
+def _related(a: Set[str], b: Set[str]) -> bool:
+    """Some path of ``a`` is one of ``b`` or a folder above or below one."""
+    return any(x == y or x.startswith(y + "/") or y.startswith(x + "/") for x in a for y in b)
+
+
+def dependencies(blocks: List[Block]) -> List[Set[int]]:
+    """For each block, the indices of the earlier blocks it must wait for: the previous block of
+    its document and every earlier block whose writes meet its paths or whose paths meet its
+    writes (read after write, write after read, write after write). ``blocks[0]`` runs first and
+    alone; its commands, skipped wherever they come again, write nothing later."""
+    first = {c for line in blocks[0].code.replace("\\\n", " ").splitlines() for c in commands(line)}
+    writes = [block_writes(blocks[0])] + [block_writes(b, first) for b in blocks[1:]]
+    names = [set(map(_norm, named_outputs(b))) | w for b, w in zip(blocks, writes)]
+    deps: List[Set[int]] = []
+    for j, b in enumerate(blocks):
+        d = {i for i in range(j) if _related(writes[i], names[j]) or _related(names[i], writes[j])}
+        same_doc = [i for i in range(j) if blocks[i].path == b.path]
+        if same_doc:
+            d.add(same_doc[-1])
+        deps.append(d)
+    return deps
 
 
 # Opt-in: the whole run took 38 min 20 s on the 2-core project machine (load average 2-4, other
@@ -274,7 +455,7 @@ RUN_DOCS = os.environ.get("GFOCAL_RUN_DOCS") == "1"
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.id)
 def test_documented_block_runs(block: Block, runner: Runner):
     """The block exits 0 in smoke mode and every output path it names (or its docs list) exists."""
-    done = runner.run(block)
+    done = runner.results[block.id]
     assert done.returncode == 0, f"{block.id}:\n{block.code}\n{_tail(done)}"
     missing = [p for p in named_outputs(block) if not glob.glob(os.path.join(runner.ws, p))]
     assert not missing, f"{block.id} ran but did not write {missing}\n{_tail(done)}"
