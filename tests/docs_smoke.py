@@ -18,7 +18,9 @@ docs/ runs in seconds:
 Anything else (``-c CODE``, other scripts) runs unchanged. The rules are the tables below.
 """
 import os
+import subprocess
 import sys
+import time
 from typing import Dict, List
 
 # Config overrides appended to every YAML training / evaluation command.
@@ -158,7 +160,15 @@ def main(argv: List[str]) -> None:
         os.execv(real, [real] + argv)
     script, args = argv[0], smoke_argv(argv[0], argv[1:])
     print("[docs smoke] " + " ".join([script] + args), file=sys.stderr, flush=True)
-    os.execv(real, [real, script] + args)
+    times = os.environ.get("GFOCAL_DOCS_TIMES")
+    if not times:
+        os.execv(real, [real, script] + args)
+    # Timed: one line per script run (seconds, exit status, the command), for the test's report.
+    start = time.perf_counter()
+    code = subprocess.call([real, script] + args)
+    with open(times, "a") as f:
+        f.write(f"{time.perf_counter() - start:.1f}\t{code}\t{' '.join([script] + args)}\n")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,7 @@ class Runner:
             os.environ,
             PATH=shim_dir + os.pathsep + os.environ.get("PATH", ""),
             GFOCAL_DOCS_REAL_PYTHON=sys.executable,
+            GFOCAL_DOCS_TIMES=os.path.join(ws, "command_times.tsv"),
             DETECTRON2_DATASETS=os.path.join(ws, "datasets"),
             PYTHONPATH=pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""),
             PYTHONWARNINGS="ignore",
@@ -271,7 +272,7 @@ class Runner:
         ran: Dict[int, Set[str]] = {}  # the commands of each block that exited 0
 
         def go(j: int) -> subprocess.CompletedProcess:
-            already = set().union(*(ran.get(i, set()) for i in ancestors[j]))
+            already = set().union(*(ran.get(i, set()) for i in ancestors[j] | {0}))
             done = self._run_one(blocks[j], already)
             if done.returncode == 0 and blocks[j].lang == "bash":
                 ran[j] = {c for line in blocks[j].code.replace("\\\n", " ").splitlines()
@@ -329,7 +330,10 @@ def _tail(done: subprocess.CompletedProcess, n: int = 4000) -> str:
 
 
 def named_outputs(block: Block) -> List[str]:
-    paths = re.findall(r"(?<![\w/])output/[\w./-]*[\w/]", block.code)
+    """The ``output/`` paths a block names (one built from a shell variable, ``output/s$seed``,
+    as the glob ``output/s*``), and those its docs list (``WRITES``)."""
+    paths = [m.group(0) + ("*" if block.code[m.end():m.end() + 1] == "$" else "")
+             for m in re.finditer(r"(?<![\w/])output/[\w./-]*[\w/]", block.code)]
     for key, files in WRITES.items():
         if key in block.code:
             paths += files
@@ -344,7 +348,10 @@ _TRAINING = ("train_net.py", "lazyconfig_train_net.py")
 
 
 def _norm(path: str) -> str:
-    path = path.split("$")[0]
+    """``path`` without ``./`` and trailing ``/``; a path built from a shell variable or a glob
+    (``output/s$seed``) as the folder it lies in (``output``)."""
+    if "$" in path or "*" in path:
+        path = os.path.dirname(re.split(r"[$*]", path)[0])
     while path.startswith("./"):
         path = path[2:]
     return path.rstrip("/")
