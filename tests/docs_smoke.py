@@ -11,7 +11,7 @@ docs/ runs in seconds:
   the workspace);
 - sweeps and ablations: the first value of each swept list (``--seeds``, ``--lrs``,
   ``--variants``, ``--nms``);
-- benchmarks: one round at small sizes;
+- benchmarks: one round at small sizes, one thread (``--threads 1``);
 - export: ``MODEL.GFL.SCORE_THRESH_TEST 0.0`` (a 2-iteration model finds nothing above 0.05);
 - ``-m pytest``: ``--collect-only`` (the suite is not run inside itself).
 
@@ -97,6 +97,16 @@ RULES: Dict[str, dict] = {
         "first": ["--runs"],
     },
 }
+
+
+# Scripts with a ``--threads`` flag run with one thread, as the docs test runs every command
+# (OMP_NUM_THREADS=1 there; these scripts would set their own count over it).
+THREADED = ("tools/run_ablation.py", "benchmarks/inference.py", "benchmarks/profile_head.py",
+            "benchmarks/train_step.py", "benchmarks/atss_assign.py", "benchmarks/nodata_skip.py",
+            "benchmarks/backbone_variants.py", "benchmarks/tiled_predict.py")
+for _name in THREADED:
+    RULES[_name].setdefault("replace", {})["--threads"] = ["1"]
+    RULES[_name].setdefault("add", {})["--threads"] = ["1"]
 
 
 def _flag_spans(argv: List[str]) -> Dict[str, tuple]:

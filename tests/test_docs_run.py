@@ -8,18 +8,22 @@ visible marker that says why it cannot run here.
 - The other blocks run, in document order, in one workspace (a folder with the repository's
   files linked in, small input files named as the docs name them, and ``output/``), through the
   smoke mode of ``tests/docs_smoke.py``: its ``.venv/bin/python`` appends or replaces arguments so
-  that training runs 2 iterations at 128 px, sweeps run their first value and benchmarks one
-  small round. A block passes when it exits 0 and every ``output/...`` path it names exists
+  that training runs 2 iterations at 128 px, sweeps (swept flags, ``for`` loops) run their
+  first value and benchmarks one small round. A block passes when it exits 0 and every ``output/...`` path it names exists
   afterwards (plus the files listed in ``WRITES`` for the commands whose docs list their
   outputs).
 - Python blocks run with ``bgr_image`` (an (H, W, 3) uint8 BGR image) and ``cfg`` (the tree
   config) defined, the names the docs use for "your image" and "a yacs GFL config".
 - A command line (bash, without ``$``) that a block it depends on already ran is not run again.
-- Blocks run two at a time (``GFOCAL_DOCS_JOBS``), each after the blocks it depends on: the
-  earlier block of its own document, and every earlier block that writes an ``output/`` path it
-  names or names a path it writes (``block_writes``: the ``--output`` / ``--output-dir`` /
-  ``OUTPUT_DIR`` it passes, else the script's or the config's default; a Python block writes
-  every path it names). The README's first block (the main job) runs before all others.
+- Blocks run three at a time (``GFOCAL_DOCS_JOBS``), each command with one thread
+  (``GFOCAL_DOCS_THREADS``: OMP / MKL threads; on 2 cores, three one-thread jobs keep both busy
+  through the single-threaded imports without two multi-threaded ones spinning against each
+  other), each block after the blocks it depends on: every earlier block (of any document) that
+  writes an ``output/`` path it names or names a path it writes
+  (``block_writes``: the ``--output`` / ``--output-dir`` / ``OUTPUT_DIR`` it passes, else the
+  script's or the config's default; a Python block writes every path it names). The README's
+  first block (the main job) is waited for by every block that repeats one of its commands, names
+  its model (``model_final.pth``) or its output, and by every Python block.
 """
 import glob
 import json
@@ -124,17 +128,20 @@ def test_smoke_rules_rewrite_as_documented():
 
     argv = smoke_argv("tools/run_ablation.py", ["--lrs", "0.01", "0.02", "--seeds", "0", "1", "2",
                                                 "SOLVER.MAX_ITER", "300"])
-    assert argv[:2] == ["--variants", "gfl"]
-    assert argv[2:6] == ["--lrs", "0.01", "--seeds", "0"] and argv[6:8] == ["SOLVER.MAX_ITER", "300"]
-    assert argv[argv.index("SOLVER.MAX_ITER", 7) + 1] == "2"  # appended after: the smoke value wins
+    assert argv[:4] == ["--variants", "gfl", "--threads", "1"]
+    assert argv[4:8] == ["--lrs", "0.01", "--seeds", "0"] and argv[8:10] == ["SOLVER.MAX_ITER", "300"]
+    assert argv[argv.index("SOLVER.MAX_ITER", 9) + 1] == "2"  # appended after: the smoke value wins
+    bench = smoke_argv("benchmarks/backbone_variants.py", ["--threads", "2", "--repeats", "20"])
+    assert bench[bench.index("--threads") + 1] == "1" and bench.count("--threads") == 1
     train = smoke_argv("train_net.py", ["--config-file", "c.yaml", "MODEL.WEIGHTS", "w.pth"])
     assert train.count("MODEL.WEIGHTS") == 1
     assert smoke_argv("train_net.py", ["--config-file", "c.yaml"])[-2:] == ["MODEL.WEIGHTS", ""]
     assert smoke_argv("tools/unknown.py", ["--x", "1"]) == ["--x", "1"]
+    assert _FOR_LOOP.sub(r"\1\2\3", "for seed in 0 1 2; do  # 3 seeds") == "for seed in 0; do  # 3 seeds"
 
 
 def test_blocks_that_share_outputs_are_ordered():
-    """The schedule's dependencies: same document in order, read after write across documents,
+    """The schedule's dependencies: read after write (in a document or across documents),
     a config's default OUTPUT_DIR as a write, commands of the first block skipped."""
     def block(path, code, lang="bash"):
         return Block(os.path.join(REPO_ROOT, path), 1, lang, code, "")
@@ -153,12 +160,12 @@ def test_blocks_that_share_outputs_are_ordered():
     assert block_writes(blocks[4]) == {"output/trees/gfl_lite0"}  # the config's OUTPUT_DIR
     assert block_writes(blocks[6], {".venv/bin/python tools/main_job.py"}) == set()
     deps = dependencies(blocks)
-    assert deps[1] <= {0}
-    assert 1 in deps[2]  # same document
+    assert deps[1] == set()  # neither the main job's commands nor its outputs: beside it
+    assert 1 not in deps[2] and 0 in deps[2]  # same document, no shared path; the main job's model
     assert 1 in deps[3]  # reads output/a.tif, which docs/a.md writes
     assert 4 in deps[5]  # both write output/trees/gfl_lite0
     assert 2 not in deps[5] and 3 not in deps[5]  # reads only, or other paths: parallel
-    assert deps[6] <= {0, 5}  # the main job again is skipped: it writes nothing
+    assert 0 in deps[6] and deps[6] <= {0, 5}  # the main job again: skipped once it ran
     assert 3 in deps[7] and 4 not in deps[7]
 
 
@@ -228,6 +235,8 @@ class Runner:
             PATH=shim_dir + os.pathsep + os.environ.get("PATH", ""),
             GFOCAL_DOCS_REAL_PYTHON=sys.executable,
             GFOCAL_DOCS_TIMES=os.path.join(ws, "command_times.tsv"),
+            OMP_NUM_THREADS=os.environ.get("GFOCAL_DOCS_THREADS", "1"),
+            MKL_NUM_THREADS=os.environ.get("GFOCAL_DOCS_THREADS", "1"),
             DETECTRON2_DATASETS=os.path.join(ws, "datasets"),
             PYTHONPATH=pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""),
             PYTHONWARNINGS="ignore",
@@ -239,6 +248,7 @@ class Runner:
             return [".venv/bin/python", "-c", PYTHON_PRELUDE + block.code]
         lines = []
         for line in block.code.replace("\\\n", " ").splitlines():
+            line = _FOR_LOOP.sub(r"\1\2\3", line)  # a shell loop's sweep: its first value
             parts = []
             for part in line.split(" && "):
                 command = " ".join(re.split(r"\s#", part)[0].split())
@@ -262,7 +272,8 @@ class Runner:
 
     def run_all(self, blocks: List[Block], wanted: Set[str], jobs: int) -> None:
         """Run the ``wanted`` blocks (ids) and the blocks they depend on, ``jobs`` at a time, each
-        after its dependencies (``dependencies``); ``blocks[0]`` first, alone."""
+        after its dependencies (``dependencies``); ``blocks[0]`` first, beside blocks that do not
+        depend on it. If it fails, nothing that depends on it runs."""
         deps = dependencies(blocks)
         ancestors: List[Set[int]] = []
         for d in deps:
@@ -279,22 +290,24 @@ class Runner:
                           for c in commands(line)}
             return done
 
-        self.results[blocks[0].id] = go(0)
-        if self.results[blocks[0].id].returncode != 0:
-            return  # the fixture reports it; the other blocks need its model
-        pending = sorted(needed - {0})
-        finished = {0}
+        pending = sorted(needed)
+        finished: Set[int] = set()
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             running = {}
             while pending or running:
                 for j in [j for j in pending if (deps[j] & needed) <= finished][: jobs - len(running)]:
                     pending.remove(j)
                     running[pool.submit(go, j)] = j
+                if not running:
+                    break
                 done_futures, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done_futures:
                     j = running.pop(future)
                     self.results[blocks[j].id] = future.result()
                     finished.add(j)
+                if 0 in finished and self.results[blocks[0].id].returncode != 0:
+                    # the fixture reports it; what depends on its model does not run
+                    pending = [j for j in pending if 0 not in ancestors[j]]
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +330,7 @@ def runner(request, tmp_path_factory):
     # whole_images.md's Python names the main job's model "model_final.pth" (written by `first`).
     os.symlink(os.path.join(ws, "output/main_job/train/model_final.pth"), os.path.join(ws, "model_final.pth"))
     start = time.perf_counter()
-    r.run_all(RUN_BLOCKS, wanted | {first.id}, int(os.environ.get("GFOCAL_DOCS_JOBS", "2")))
+    r.run_all(RUN_BLOCKS, wanted | {first.id}, int(os.environ.get("GFOCAL_DOCS_JOBS", "3")))
     with open(os.path.join(ws, "block_times.tsv"), "a") as f:
         f.write(f"total\t{time.perf_counter() - start:.1f}\t\t{os.getloadavg()[0]:.2f}\n")
     done = r.results[first.id]
@@ -387,6 +400,10 @@ def _config_output_dir(config: str) -> str:
     return "output"
 
 
+# ``for VAR in A B C; do``: smoke mode keeps the first value, as it does for swept flags.
+_FOR_LOOP = re.compile(r"^(\s*for \w+ in )(\S+)(?: [^;]+)?(; do\b)")
+
+
 def commands(line: str) -> List[str]:
     """The commands of one shell line (continuations joined), split at ``&&``, without the
     comment, whitespace collapsed: the unit a block's ``already run`` rule compares."""
@@ -423,42 +440,43 @@ def block_writes(block: Block, already_run: Set[str] = frozenset()) -> Set[str]:
     return written
 
 
+def _needs_first(block: Block, first: Set[str]) -> bool:
+    """Whether ``block`` waits for the main job (``blocks[0]``): it repeats one of its commands
+    (skipped as already run), names its model or output, or is Python (which may load either)."""
+    if block.lang == "python" or "model_final.pth" in block.code or "main_job" in block.code:
+        return True
+    return any(c in first for line in block.code.replace("\\\n", " ").splitlines()
+               for c in commands(line))
+
+
 def _related(a: Set[str], b: Set[str]) -> bool:
     """Some path of ``a`` is one of ``b`` or a folder above or below one."""
     return any(x == y or x.startswith(y + "/") or y.startswith(x + "/") for x in a for y in b)
 
 
 def dependencies(blocks: List[Block]) -> List[Set[int]]:
-    """For each block, the indices of the earlier blocks it must wait for: the previous block of
-    its document and every earlier block whose writes meet its paths or whose paths meet its
-    writes (read after write, write after read, write after write). ``blocks[0]`` runs first and
-    alone; its commands, skipped wherever they come again, write nothing later."""
+    """For each block, the indices of the earlier blocks it must wait for: every earlier block
+    (of its document or another) whose writes meet its paths or whose paths meet its
+    writes (read after write, write after read, write after write), and ``blocks[0]`` where
+    ``_needs_first``; its commands, skipped wherever they come again, write nothing later."""
     first = {c for line in blocks[0].code.replace("\\\n", " ").splitlines() for c in commands(line)}
     writes = [block_writes(blocks[0])] + [block_writes(b, first) for b in blocks[1:]]
     names = [set(map(_norm, named_outputs(b))) | w for b, w in zip(blocks, writes)]
     deps: List[Set[int]] = []
     for j, b in enumerate(blocks):
         d = {i for i in range(j) if _related(writes[i], names[j]) or _related(names[i], writes[j])}
-        same_doc = [i for i in range(j) if blocks[i].path == b.path]
-        if same_doc:
-            d.add(same_doc[-1])
+        if j and _needs_first(b, first):
+            d.add(0)
         deps.append(d)
     return deps
 
 
-# Opt-in: the whole run took 38 min 20 s on the 2-core project machine (load average 2-4, other
-# sessions and tests beside it; 53 blocks), far over CI's 10-minute budget for it. Slowest blocks
-# then: whole_images.md's nodata benchmark (524 s, now 1024 px and one round in smoke mode), the
-# tiled-prediction benchmarks (~150 s each), detectron2_versions.md:5 and small_data.md's
-# ensembles (~100-150 s). A second run (session 6, beside two trainings, load about 4) reached
-# block 49 of 52 in its 60-minute limit, with whole_images.md:172, :202 and :304 failing (:202
-# passed when rerun alone, in 52 s). GFOCAL_RUN_DOCS=1 runs them (issue 24 stays open).
-RUN_DOCS = os.environ.get("GFOCAL_RUN_DOCS") == "1"
+# Time: the whole run (59 blocks) took 8 min 47 s on the 2-core project machine (AMD EPYC,
+# quiet: the run itself only) with two jobs and same-document order; see docs/detectron2_versions.md
+# ("What CI checks") for the current figure and its command.
 
 
 @pytest.mark.trains_in_subprocess
-@pytest.mark.skipif(not RUN_DOCS, reason="executed docs are opt-in (GFOCAL_RUN_DOCS=1) until "
-                    "they are green and within CI's time budget (issue 24)")
 @pytest.mark.parametrize("block", RUN_BLOCKS, ids=lambda b: b.id)
 def test_documented_block_runs(block: Block, runner: Runner):
     """The block exits 0 in smoke mode and every output path it names (or its docs list) exists."""
