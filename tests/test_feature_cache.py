@@ -134,3 +134,44 @@ def test_predictors_keep_no_features_of_the_images_they_see():
     backbone = predictor.model.backbone.bottom_up.train()
     backbone(torch.zeros(2, 3, 64, 64))
     assert len(backbone.feature_cache) == 1
+
+
+def test_cache_at_test_serves_evaluation_from_the_features_training_wrote(tmp_path):
+    """FEATURE_CACHE_AT_TEST: an evaluating process reads the features a training process wrote
+    to FEATURE_CACHE_DIR (the main job's evaluation of the training tiles), exactly; without the
+    key evaluation computes them again; new weights are never served old features."""
+    x = torch.randn(2, 3, 64, 64)
+    trainer = EfficientNetLite(["c3", "c4", "c5"], freeze_at=5, feature_cache_mb=100,
+                               feature_cache_dir=str(tmp_path)).train()
+    want = trainer(x)  # written to disk by the "training" process
+
+    evaluator = EfficientNetLite(["c3", "c4", "c5"], freeze_at=5, feature_cache_mb=100,
+                                 feature_cache_dir=str(tmp_path), feature_cache_at_test=True)
+    evaluator.load_state_dict(trainer.state_dict())
+    eval_calls = _counting(evaluator.eval())
+    got = evaluator(x)
+    assert eval_calls == [] and evaluator.feature_cache.disk_hits == 2
+    for k in want:
+        assert torch.equal(got[k], want[k])
+
+    # Without the key, eval mode computes (the default for predictors).
+    plain = EfficientNetLite(["c3", "c4", "c5"], freeze_at=5, feature_cache_mb=100,
+                             feature_cache_dir=str(tmp_path))
+    plain.load_state_dict(trainer.state_dict())
+    calls = _counting(plain.eval())
+    plain(x)
+    assert calls == [2] and plain.feature_cache.disk_hits == 0
+
+    # Other weights loaded between two evaluations: the memory entries go, the new weights'
+    # features are computed (and files of the old weights are not read).
+    with torch.no_grad():
+        changed = {k: v * 2 if k == "_conv_stem.weight" else v for k, v in trainer.state_dict().items()}
+    evaluator.load_state_dict(changed)
+    evaluator.eval()  # a new phase: the fingerprint is checked again
+    evaluator(x)
+    assert eval_calls == [2] and len(evaluator.feature_cache) == 2
+
+
+def test_cache_at_test_needs_a_cache():
+    with pytest.raises(ValueError, match="FEATURE_CACHE_AT_TEST=True needs FEATURE_CACHE_MB > 0"):
+        EfficientNetLite(["c3"], freeze_at=5, feature_cache_at_test=True)

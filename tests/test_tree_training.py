@@ -96,3 +96,8 @@ def test_main_job_short_run(tmp_path):
     assert set(whole) == {"val"}
     assert "whole validation image (tiled prediction, stitched)" in proc.stdout
     assert summary["seed"] == 0 and "(seed 0;" in proc.stdout  # the main job says its seed
+    # Training handed its backbone features to the evaluations through the job's own folder,
+    # which is gone at the end (tests/test_feature_cache.py checks what is read back).
+    cache = summary["feature_cache"]
+    assert cache["dir"] == str(out / "feature_cache") and not os.path.exists(cache["dir"])
+    assert 0 < cache["files"]["after_training"] <= cache["files"]["after_evaluation"]

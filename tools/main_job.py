@@ -10,7 +10,8 @@
 3. evaluates the written checkpoint again as ``train_net.py --eval-only`` does
    (gfocal.engine.defaults.evaluate) on the training and validation tiles, checks that the
    validation AP is the same, and reports precision / recall / F1 at IoU 0.4 on validation at the
-   score threshold with the best F1 on the training tiles;
+   score threshold with the best F1 on the training tiles (the frozen backbone's features of
+   the training tiles are read from ``--feature-cache-dir``, where training wrote them);
 4. draws ground truth (green; border-cut crowns grey) and predictions (red, with scores) at that
    threshold on the validation tiles (GFLPredictor with the recipe's EMA weights and TTA;
    gfocal.visualization) as PNGs;
@@ -21,6 +22,7 @@ Trailing ``KEY VALUE`` pairs are config overrides for both runs (e.g. ``SOLVER.M
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -63,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--whole-image-splits", type=_splits, default="train,val",
                    help="whole YELL images predicted tile by tile (gfocal.inference) and scored "
                    "whole: comma-separated train / val, or '' for none")
+    p.add_argument("--feature-cache-dir", default=None,
+                   help="where training writes the frozen backbone's features for the evaluations "
+                   "after it to read (MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR, FEATURE_CACHE_AT_TEST); "
+                   "default <output-dir>/feature_cache, removed at the end; '' for none (the "
+                   "evaluations compute them again)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p.parse_args(argv)
 
@@ -75,10 +82,28 @@ def build_data(args: argparse.Namespace) -> str:
     return build_tree_crowns(spec=spec)
 
 
-def train(args: argparse.Namespace, train_dir: str) -> None:
-    """``train_net.py`` on the config with the overrides (it evaluates once, after training)."""
+def feature_cache_dir(cfg, args: argparse.Namespace, out: str) -> str:
+    """The folder through which training hands the frozen backbone's features to the evaluations
+    after it ("" when the config caches none, or ``--feature-cache-dir ''``). The training tiles
+    are evaluated with the 8 symmetries training saw, so their features are all there."""
+    ecfg = cfg.MODEL.EFFICIENTNET_LITE
+    if "efficientnet" not in cfg.MODEL.BACKBONE.NAME or ecfg.FEATURE_CACHE_MB <= 0:
+        return ""
+    if ecfg.FEATURE_CACHE_DIR:  # the user's own folder (an override), kept
+        return ecfg.FEATURE_CACHE_DIR
+    return os.path.join(out, "feature_cache") if args.feature_cache_dir is None else args.feature_cache_dir
+
+
+def _count_files(folder: str) -> int:
+    return len(os.listdir(folder)) if folder and os.path.isdir(folder) else 0
+
+
+def train(args: argparse.Namespace, train_dir: str, cache_dir: str = "") -> None:
+    """``train_net.py`` on the config with the overrides (it evaluates once, after training);
+    with ``cache_dir`` the backbone features it computes are also written there."""
+    cache = ["MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR", cache_dir] if cache_dir else []
     cmd = [sys.executable, "train_net.py", "--config-file", args.config_file,
-           "OUTPUT_DIR", train_dir] + args.opts
+           "OUTPUT_DIR", train_dir] + args.opts + cache
     print("\n$ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=dict(os.environ), cwd=REPO)
 
@@ -137,12 +162,21 @@ def main(argv=None) -> Dict[str, float]:
     cfg = load_config(args.config_file, args.opts)
     suffix = "_TTA" if cfg.TEST.AUG.ENABLED else ""  # the recipe's results: with TTA if set
     inference = "inference" + suffix
+    cache_dir = feature_cache_dir(cfg, args, out)
+    # The evaluations and the drawing read (and add to) the features training wrote; the
+    # whole-image prediction runs as a user's would, without the cache.
+    eval_cfg = cfg
+    if cache_dir:
+        eval_cfg = cfg.clone()
+        eval_cfg.merge_from_list(["MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR", cache_dir,
+                                  "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_AT_TEST", True])
 
     # 2. Train (evaluates once at the end, into metrics.json and inference*/).
     train_dir = os.path.join(out, "train")
     t = time.perf_counter()
-    train(args, train_dir)
+    train(args, train_dir, cache_dir)
     times["train_and_eval_s"] = time.perf_counter() - t
+    cache_files = {"after_training": _count_files(cache_dir)}
     weights = os.path.join(train_dir, "model_final.pth")
     results_name = os.path.join(inference, VAL_SET, "coco_instances_results.json")
     metrics_json = os.path.join(train_dir, "metrics.json")
@@ -153,7 +187,7 @@ def main(argv=None) -> Dict[str, float]:
     # validation (chosen on training data, not on validation).
     eval_dir = os.path.join(out, "eval_only")
     t = time.perf_counter()
-    results = evaluate_again(cfg, weights, eval_dir)
+    results = evaluate_again(eval_cfg, weights, eval_dir)
     times["eval_only_s"] = time.perf_counter() - t
     metrics_again = box_metrics(results, VAL_SET, suffix, num_datasets=2)
     diff = max(abs(metrics[k] - metrics_again[k]) for k in METRIC_KEYS)
@@ -175,9 +209,12 @@ def main(argv=None) -> Dict[str, float]:
 
     # 4. Draw, 5. whole images.
     t = time.perf_counter()
-    drawn = draw(cfg, weights, os.path.join(out, "vis"), args.num_draw,
+    drawn = draw(eval_cfg, weights, os.path.join(out, "vis"), args.num_draw,
                  score_thresh if args.draw_score_thresh is None else args.draw_score_thresh)
     times["draw_s"] = time.perf_counter() - t
+    cache_files["after_evaluation"] = _count_files(cache_dir)
+    if cache_dir and cache_dir != cfg.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR and args.feature_cache_dir is None:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # the job's own folder (about 1 GB)
     t = time.perf_counter()
     whole = whole_image_report(cfg, weights, score_thresh, train_pr["iou"], args.whole_image_splits)
     times["whole_image_s"] = time.perf_counter() - t
@@ -190,6 +227,7 @@ def main(argv=None) -> Dict[str, float]:
         "train_metrics": train_metrics,
         "whole_image": whole,
         "times": times,
+        "feature_cache": {"dir": cache_dir, "files": cache_files},
         "checkpoint": weights,
         "metrics_json": metrics_json,
         "detections": os.path.join(train_dir, results_name),

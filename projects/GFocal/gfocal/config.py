@@ -134,6 +134,10 @@ def add_gfl_config(cfg: CN) -> None:
     # processes (e.g. every run of tools/run_ablation.py); named by a hash of the backbone weights
     # and of the input image. "": memory only.
     _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR = ""
+    # With FEATURE_CACHE_MB > 0: the cache also serves evaluation (eval mode), e.g. the training
+    # tiles evaluated after training from the features training stored in FEATURE_CACHE_DIR
+    # (tools/main_job.py). Off by default: predictors of new images would only fill memory.
+    _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_AT_TEST = False
 
     add_small_data_config(_C)
 

@@ -142,6 +142,7 @@ class EfficientNetLite(Backbone):
         norm: "FrozenBN" (statistics and affine fixed) or "BN".
         feature_cache_mb, feature_cache_dir: see :class:`FeatureCache`.
         variant: a key of :data:`VARIANTS` ("lite0", "lite1", "lite2").
+        feature_cache_at_test: the cache also serves eval mode (``FEATURE_CACHE_AT_TEST``).
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class EfficientNetLite(Backbone):
         feature_cache_mb: int = 0,
         feature_cache_dir: str = "",
         variant: str = "lite0",
+        feature_cache_at_test: bool = False,
     ):
         super().__init__()
         stages = lite_stages(variant)
@@ -204,6 +206,12 @@ class EfficientNetLite(Backbone):
                     f"FREEZE_AT={freeze_at}, NORM={norm!r}; trainable: {trainable[:3]}...)"
                 )
             self.feature_cache = FeatureCache(feature_cache_mb, feature_cache_dir)
+        elif feature_cache_at_test:
+            raise ValueError(
+                "MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_AT_TEST=True needs FEATURE_CACHE_MB > 0"
+            )
+        self.feature_cache_at_test = feature_cache_at_test
+        self._fingerprint_checked = False
 
     def freeze(self, freeze_at: int) -> None:
         if not 0 <= freeze_at <= 5:
@@ -220,13 +228,24 @@ class EfficientNetLite(Backbone):
             for p in module.parameters():
                 p.requires_grad = False
 
+    def train(self, mode: bool = True) -> "EfficientNetLite":
+        # Weights may be loaded between two phases (a checkpoint before evaluation): the next
+        # cached forward checks the fingerprint again.
+        self._fingerprint_checked = False
+        return super().train(mode)
+
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         # The cache is a device of the cached training loop: in eval mode (evaluation, every
-        # predictor, export) each image's features are computed and nothing is kept.
-        if self.feature_cache is not None and self.training:
-            if not self.feature_cache.fingerprint:  # weights are final by the first forward
-                self.feature_cache.fingerprint = self.weights_fingerprint()
-            return self.feature_cache(x, self._forward)
+        # predictor, export) each image's features are computed and nothing is kept, unless
+        # FEATURE_CACHE_AT_TEST asks for it.
+        cache = self.feature_cache
+        if cache is not None and (self.training or self.feature_cache_at_test):
+            if not self._fingerprint_checked:
+                fingerprint = self.weights_fingerprint()
+                if fingerprint != cache.fingerprint:
+                    cache.reset(fingerprint)  # entries of other weights are never served
+                self._fingerprint_checked = True
+            return cache(x, self._forward)
         return self._forward(x)
 
     def weights_fingerprint(self) -> str:
@@ -323,7 +342,8 @@ def _summarise(keys: List[str]) -> List[str]:
 @BACKBONE_REGISTRY.register()
 def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientNetLite:
     """EfficientNet-Lite from ``MODEL.EFFICIENTNET_LITE`` (VARIANT, OUT_FEATURES, FREEZE_AT, NORM,
-    WEIGHTS, FEATURE_CACHE_MB, FEATURE_CACHE_DIR). Named after Lite0, the default VARIANT."""
+    WEIGHTS, FEATURE_CACHE_MB, FEATURE_CACHE_DIR, FEATURE_CACHE_AT_TEST). Named after Lite0, the
+    default VARIANT."""
     ecfg = cfg.MODEL.EFFICIENTNET_LITE
     if input_shape.channels != 3:
         raise ValueError(f"EfficientNet-Lite takes 3 input channels, got {input_shape.channels}")
@@ -335,6 +355,7 @@ def build_efficientnet_lite0_backbone(cfg, input_shape: ShapeSpec) -> EfficientN
         weights=ecfg.WEIGHTS,
         feature_cache_mb=ecfg.FEATURE_CACHE_MB,
         feature_cache_dir=ecfg.FEATURE_CACHE_DIR,
+        feature_cache_at_test=ecfg.FEATURE_CACHE_AT_TEST,
     )
 
 
@@ -347,12 +368,14 @@ def efficientnet_lite(
     weights: str = "package",
     feature_cache_mb: int = 0,
     feature_cache_dir: str = "",
+    feature_cache_at_test: bool = False,
 ) -> EfficientNetLite:
     """:class:`EfficientNetLite` of ``variant`` with its ImageNet ``weights`` loaded (see
     :func:`load_lite_weights`; "" keeps the random init) and, with ``feature_cache_mb`` > 0, its
     features cached (:class:`FeatureCache`). The LazyConfig configs call this."""
     model = EfficientNetLite(
-        out_features, freeze_at, norm, feature_cache_mb, feature_cache_dir, variant=variant
+        out_features, freeze_at, norm, feature_cache_mb, feature_cache_dir, variant=variant,
+        feature_cache_at_test=feature_cache_at_test,
     )
     if weights:
         load_lite_weights(model, weights)

@@ -39,6 +39,13 @@ class FeatureCache:
         self.misses = 0
         self._entries: "OrderedDict[str, Dict[str, Tensor]]" = OrderedDict()
 
+    def reset(self, fingerprint: str) -> None:
+        """Serve the backbone weights of ``fingerprint`` from now on: entries kept in memory for
+        other weights are dropped (files on disk carry their fingerprint in their name)."""
+        self.fingerprint = fingerprint
+        self._entries.clear()
+        self.num_bytes = 0
+
     def __len__(self) -> int:
         return len(self._entries)
 
