@@ -471,9 +471,8 @@ def dependencies(blocks: List[Block]) -> List[Set[int]]:
     return deps
 
 
-# Time: the whole run (59 blocks) took 8 min 47 s on the 2-core project machine (AMD EPYC,
-# quiet: the run itself only) with two jobs and same-document order; see docs/detectron2_versions.md
-# ("What CI checks") for the current figure and its command.
+# Time: the whole run (59 blocks) took 6 min 53 s on the 2-core project machine (AMD EPYC, quiet:
+# the run itself only); docs/detectron2_versions.md ("What CI checks") has the figure's command.
 
 
 @pytest.mark.trains_in_subprocess
