@@ -41,6 +41,10 @@ def test_doc_commands_parse_and_load():
             args = ablation.parse_args(cmd[2:])
             assert args.variants and args.seeds == [0, 1, 2]
             continue
+        if cmd[1] == "tools/main_job.py":  # its flags, and its overrides name existing keys
+            args = _load("main_job", "tools/main_job.py").parse_args(cmd[2:])
+            load_config(args.config_file, args.opts)
+            continue
         if cmd[1].startswith("benchmarks/"):  # a benchmark's command parses with its own parser
             name = os.path.splitext(os.path.basename(cmd[1]))[0]
             _load(name, cmd[1]).get_parser().parse_args(cmd[2:])
