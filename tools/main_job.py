@@ -26,7 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_SET, VAL_SET = "neon_trees_train", "neon_trees_val"
@@ -82,16 +82,19 @@ def build_data(args: argparse.Namespace) -> str:
     return build_tree_crowns(spec=spec)
 
 
-def feature_cache_dir(cfg, args: argparse.Namespace, out: str) -> str:
+def feature_cache_dir(cfg, args: argparse.Namespace, out: str) -> Tuple[str, bool]:
     """The folder through which training hands the frozen backbone's features to the evaluations
-    after it ("" when the config caches none, or ``--feature-cache-dir ''``). The training tiles
-    are evaluated with the 8 symmetries training saw, so their features are all there."""
+    after it ("" when the config caches none, or ``--feature-cache-dir ''``), and whether it is
+    the job's own (removed at the end) rather than one the user named. The training tiles are
+    evaluated with the 8 symmetries training saw, so their features are all there."""
     ecfg = cfg.MODEL.EFFICIENTNET_LITE
     if "efficientnet" not in cfg.MODEL.BACKBONE.NAME or ecfg.FEATURE_CACHE_MB <= 0:
-        return ""
+        return "", False
     if ecfg.FEATURE_CACHE_DIR:  # the user's own folder (an override), kept
-        return ecfg.FEATURE_CACHE_DIR
-    return os.path.join(out, "feature_cache") if args.feature_cache_dir is None else args.feature_cache_dir
+        return ecfg.FEATURE_CACHE_DIR, False
+    if args.feature_cache_dir is not None:
+        return args.feature_cache_dir, False
+    return os.path.join(out, "feature_cache"), True
 
 
 def _count_files(folder: str) -> int:
@@ -162,7 +165,7 @@ def main(argv=None) -> Dict[str, float]:
     cfg = load_config(args.config_file, args.opts)
     suffix = "_TTA" if cfg.TEST.AUG.ENABLED else ""  # the recipe's results: with TTA if set
     inference = "inference" + suffix
-    cache_dir = feature_cache_dir(cfg, args, out)
+    cache_dir, own_cache = feature_cache_dir(cfg, args, out)
     # The evaluations and the drawing read (and add to) the features training wrote; the
     # whole-image prediction runs as a user's would, without the cache.
     eval_cfg = cfg
@@ -213,8 +216,8 @@ def main(argv=None) -> Dict[str, float]:
                  score_thresh if args.draw_score_thresh is None else args.draw_score_thresh)
     times["draw_s"] = time.perf_counter() - t
     cache_files["after_evaluation"] = _count_files(cache_dir)
-    if cache_dir and cache_dir != cfg.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR and args.feature_cache_dir is None:
-        shutil.rmtree(cache_dir, ignore_errors=True)  # the job's own folder (about 1 GB)
+    if own_cache:
+        shutil.rmtree(cache_dir, ignore_errors=True)  # about 1 GB
     t = time.perf_counter()
     whole = whole_image_report(cfg, weights, score_thresh, train_pr["iou"], args.whole_image_splits)
     times["whole_image_s"] = time.perf_counter() - t
