@@ -73,6 +73,34 @@ def test_photometric_and_scale_jitter_keys():
     assert changed > 0
 
 
+def test_blur_key_blurs_the_image_and_keeps_the_boxes():
+    """INPUT.PHOTOMETRIC.BLUR_SIGMA: OpenCV's Gaussian blur (the robustness benchmark's blur
+    shift) after the colour changes, with probability PROB; boxes are unchanged."""
+    import cv2
+
+    from gfocal.data.augmentation import GaussianBlurTransform, RandomGaussianBlur
+
+    cfg = _cfg(False)
+    cfg.INPUT.RANDOM_FLIP = "none"
+    cfg.INPUT.PHOTOMETRIC.BRIGHTNESS = (0.9, 1.1)
+    cfg.INPUT.PHOTOMETRIC.BLUR_SIGMA = (1.0, 2.0)
+    augs = build_train_augmentation(cfg)
+    photo = [a.aug for a in augs if isinstance(a, T.RandomApply)]
+    assert [type(a).__name__ for a in photo] == ["RandomBrightness", "RandomGaussianBlur"]
+    img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    boxes = np.array([[5.0, 6.0, 30.0, 31.0]])
+    np.random.seed(0)
+    inp = T.AugInput(img.copy(), boxes=boxes.copy())
+    T.AugmentationList([RandomGaussianBlur(1.0, 2.0)])(inp)
+    np.testing.assert_array_equal(inp.boxes, boxes)
+    # blurring lowers the pixel-to-pixel variation of a noise image
+    assert np.abs(np.diff(inp.image.astype(float), axis=1)).mean() < 0.6 * np.abs(
+        np.diff(img.astype(float), axis=1)).mean()
+    np.testing.assert_array_equal(
+        GaussianBlurTransform(1.5).apply_image(img), cv2.GaussianBlur(img, (0, 0), 1.5))
+    assert GaussianBlurTransform(0.0).apply_image(img) is img
+
+
 def test_bad_augmentation_keys():
     import pytest
 
@@ -80,6 +108,8 @@ def test_bad_augmentation_keys():
         ("PHOTOMETRIC.CONTRAST", (1.2, 0.8), "INPUT.PHOTOMETRIC.CONTRAST"),
         ("PHOTOMETRIC.PROB", 1.5, "INPUT.PHOTOMETRIC.PROB"),
         ("SCALE_JITTER.TYPE", "lsj", "INPUT.SCALE_JITTER.TYPE"),
+        ("PHOTOMETRIC.BLUR_SIGMA", (2.0, 1.0), "INPUT.PHOTOMETRIC.BLUR_SIGMA"),
+        ("PHOTOMETRIC.BLUR_SIGMA", (-1.0, 1.0), "INPUT.PHOTOMETRIC.BLUR_SIGMA"),
     ):
         cfg = _cfg(False)
         node, leaf = key.split(".")

@@ -208,6 +208,9 @@ def add_small_data_config(cfg: CN) -> None:
     _C.INPUT.PHOTOMETRIC.CONTRAST = (1.0, 1.0)
     _C.INPUT.PHOTOMETRIC.SATURATION = (1.0, 1.0)
     _C.INPUT.PHOTOMETRIC.PROB = 1.0
+    # Gaussian blur after the colour changes: sigma in pixels drawn from (min, max), with
+    # probability PROB (softer optics, motion, coarser imagery upsampled); (0.0, 0.0) is off.
+    _C.INPUT.PHOTOMETRIC.BLUR_SIGMA = (0.0, 0.0)
     # Scale jitter: "" keeps detectron2's resize (INPUT.MIN_SIZE_TRAIN, several sizes = jitter);
     # "resize_scale": T.ResizeScale(MIN_SCALE, MAX_SCALE, TARGET_SIZE) + T.FixedSizeCrop
     # (large-scale jitter, as detectron2's new baselines).

@@ -7,7 +7,8 @@ transposed (x <-> y), each with probability 1/2: the 8 symmetries of the square,
 
 ``INPUT.PHOTOMETRIC.{BRIGHTNESS,CONTRAST,SATURATION}``: detectron2's ``T.RandomBrightness`` /
 ``T.RandomContrast`` / ``T.RandomSaturation`` with those (min, max) intensity ranges, each applied
-with probability ``INPUT.PHOTOMETRIC.PROB`` (other light, other sites). ``INPUT.SCALE_JITTER.TYPE
+with probability ``INPUT.PHOTOMETRIC.PROB`` (other light, other sites), and ``BLUR_SIGMA``: a
+Gaussian blur (:class:`RandomGaussianBlur`; detectron2 has none). ``INPUT.SCALE_JITTER.TYPE
 "resize_scale"``: ``T.ResizeScale`` + ``T.FixedSizeCrop`` (large-scale jitter) instead of the
 shortest-edge resize; a plain multi-size jitter is detectron2's ``INPUT.MIN_SIZE_TRAIN`` with
 several sizes. All off by default. Photometric changes make every training image new: a frozen
@@ -19,11 +20,19 @@ input (at most K x 8 dihedral entries per image, within the cache's megabyte cap
 import hashlib
 from typing import List
 
+import cv2
 import numpy as np
 from detectron2.data import transforms as T
 from detectron2.data.detection_utils import build_augmentation
 
-__all__ = ["RandomTranspose", "TransposeTransform", "FiniteVariants", "build_train_augmentation"]
+__all__ = [
+    "RandomTranspose",
+    "TransposeTransform",
+    "GaussianBlurTransform",
+    "RandomGaussianBlur",
+    "FiniteVariants",
+    "build_train_augmentation",
+]
 
 
 class TransposeTransform(T.Transform):
@@ -53,6 +62,37 @@ class RandomTranspose(T.Augmentation):
         if self._rand_range() < self.prob:
             return TransposeTransform()
         return T.NoOpTransform()
+
+
+class GaussianBlurTransform(T.Transform):
+    """OpenCV's Gaussian blur of standard deviation ``sigma`` pixels (kernel size from sigma, as
+    ``cv2.GaussianBlur(img, (0, 0), sigma)``); coordinates and masks are unchanged."""
+
+    def __init__(self, sigma: float):
+        super().__init__()
+        self.sigma = float(sigma)
+
+    def apply_image(self, img: np.ndarray) -> np.ndarray:
+        if self.sigma <= 0:
+            return img
+        return cv2.GaussianBlur(img, (0, 0), self.sigma)
+
+    def apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        return coords
+
+    def apply_segmentation(self, segmentation: np.ndarray) -> np.ndarray:
+        return segmentation
+
+
+class RandomGaussianBlur(T.Augmentation):
+    """A Gaussian blur with sigma uniform in [``sigma_min``, ``sigma_max``] pixels."""
+
+    def __init__(self, sigma_min: float, sigma_max: float):
+        super().__init__()
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
+
+    def get_transform(self, image) -> T.Transform:
+        return GaussianBlurTransform(np.random.uniform(self.sigma_min, self.sigma_max))
 
 
 SCALE_JITTER_TYPES = ("", "resize_scale")
@@ -126,7 +166,8 @@ def _variants(cfg, augs: List[T.Augmentation]) -> List[T.Augmentation]:
 
 def build_photometric_augmentation(cfg) -> List[T.Augmentation]:
     """``INPUT.PHOTOMETRIC``: brightness, contrast, saturation (those whose range is not
-    (1, 1)), each in a ``T.RandomApply`` with probability ``PROB``."""
+    (1, 1)), then blur (``BLUR_SIGMA`` not (0, 0)), each in a ``T.RandomApply`` with probability
+    ``PROB``."""
     photo = cfg.INPUT.PHOTOMETRIC
     if not 0.0 <= photo.PROB <= 1.0:
         raise ValueError(f"INPUT.PHOTOMETRIC.PROB={photo.PROB} must be in [0, 1]")
@@ -141,4 +182,12 @@ def build_photometric_augmentation(cfg) -> List[T.Augmentation]:
             )
         if tuple(value) != (1.0, 1.0):
             augs.append(T.RandomApply(cls(float(value[0]), float(value[1])), prob=photo.PROB))
+    blur = tuple(photo.get("BLUR_SIGMA", (0.0, 0.0)))
+    if len(blur) != 2 or not 0 <= blur[0] <= blur[1]:
+        raise ValueError(
+            f"INPUT.PHOTOMETRIC.BLUR_SIGMA={blur} must be (min, max) with 0 <= min <= max "
+            "(Gaussian sigma in pixels; (0.0, 0.0) is off)"
+        )
+    if blur != (0.0, 0.0):
+        augs.append(T.RandomApply(RandomGaussianBlur(*blur), prob=photo.PROB))
     return augs
