@@ -36,7 +36,7 @@ def format_summary(summary: dict, summary_json: str, vis_dir: str) -> str:
         "=" * 72,
         "[main_job] GFL on NEON tree crowns (validation tiles of 2019_YELL_2_541000_4977000)",
         "  " + "   ".join(f"{k} {metrics[k]:.1f}" for k in METRIC_KEYS)
-        + f"   (seed {summary['seed']}; another: append SEED 1)",
+        + f"   (seed {summary['seed']}; another: append SEED {summary['seed'] + 1})",
         "  at IoU {iou:g}, score >= {score_thresh:.2f} (best F1 on the training tiles): "
         "precision {precision:.1f}  recall {recall:.1f}  F1 {f1:.1f}".format(**val_pr),
         "  training tiles (for comparison): "
