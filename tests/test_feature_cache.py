@@ -47,9 +47,43 @@ def test_cache_stays_within_its_budget():
     assert cache.hits == hits + 1
 
 
-def test_cache_needs_a_fully_frozen_backbone():
-    with pytest.raises(ValueError, match="FEATURE_CACHE_MB.*FREEZE_AT=5"):
-        lite(cache_mb=100, freeze_at=3)
+def test_cache_needs_frozen_stages():
+    with pytest.raises(ValueError, match="FEATURE_CACHE_MB.*FREEZE_AT >= 1"):
+        lite(cache_mb=100, freeze_at=0)
+
+
+def test_partly_frozen_backbone_caches_the_frozen_stages_and_trains_the_rest():
+    """FREEZE_AT 4 with the cache: the stages up to c4 are served from the cache, the c5 stages
+    run on top at every step and train; updating them keeps the cache valid."""
+    plain, cached = lite(freeze_at=4), lite(cache_mb=100, freeze_at=4)
+    cached.load_state_dict(plain.state_dict())
+    trainable = {n.split(".")[1] for n, p in cached.named_parameters() if p.requires_grad}
+    assert trainable and min(int(i) for i in trainable) == cached._num_frozen_blocks
+    x = torch.randn(2, 3, 64, 64)
+    want = plain(x)
+    calls = _counting(cached)
+    got = cached(x)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
+    assert set(got) == {"c3", "c4", "c5"} and calls == [2]
+    got["c5"].sum().backward()
+    grads = [p.grad for p in cached.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    fingerprint = cached.feature_cache.fingerprint
+    with torch.no_grad():  # an optimizer step on the trainable stages
+        for p in cached.parameters():
+            if p.requires_grad:
+                p.add_(0.01 * p.grad)
+    cached.train()  # a train/eval switch re-checks the fingerprint
+    again = cached(x)
+    assert calls == [2] and cached.feature_cache.fingerprint == fingerprint  # served from cache
+    torch.testing.assert_close(again["c4"], got["c4"])
+    assert not torch.equal(again["c5"], got["c5"])  # the trained stages are applied
+    with torch.no_grad():  # a frozen weight changes: other features, the cache starts anew
+        cached._conv_stem.weight.mul_(2)
+    cached.train()
+    cached(x)
+    assert calls == [2, 2] and cached.feature_cache.fingerprint != fingerprint
 
 
 def _counting(model):

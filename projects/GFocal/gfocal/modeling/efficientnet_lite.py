@@ -198,12 +198,10 @@ class EfficientNetLite(Backbone):
                 f"FEATURE_CACHE_MB > 0 (got {feature_cache_mb})"
             )
         if feature_cache_mb > 0:
-            trainable = [n for n, p in self.named_parameters() if p.requires_grad]
-            if trainable or norm != "FrozenBN":
+            if self._num_frozen_blocks == 0:
                 raise ValueError(
-                    f"MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB={feature_cache_mb} caches features "
-                    "of a fully frozen backbone: it needs FREEZE_AT=5 and NORM='FrozenBN' (got "
-                    f"FREEZE_AT={freeze_at}, NORM={norm!r}; trainable: {trainable[:3]}...)"
+                    f"MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB={feature_cache_mb} caches the "
+                    f"features of the frozen stages: it needs FREEZE_AT >= 1 (got FREEZE_AT={freeze_at})"
                 )
             self.feature_cache = FeatureCache(feature_cache_mb, feature_cache_dir)
         elif feature_cache_at_test:
@@ -214,14 +212,18 @@ class EfficientNetLite(Backbone):
         self._fingerprint_checked = False
 
     def freeze(self, freeze_at: int) -> None:
+        """Freeze the stem and the blocks up to the end of stage ``c{freeze_at}`` (their norms
+        become FrozenBatchNorm2d); ``self._num_frozen_blocks`` counts the frozen blocks."""
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"MODEL.EFFICIENTNET_LITE.FREEZE_AT={freeze_at} must be in [0, 5]")
+        self._num_frozen_blocks = 0
         if freeze_at == 0:
             return
         self._bn0 = FrozenBatchNorm2d.convert_frozen_batchnorm(self._bn0)
         frozen: List[nn.Module] = [self._conv_stem]
         for i, block in enumerate(self._blocks):
             frozen.append(FrozenBatchNorm2d.convert_frozen_batchnorm(block))
+            self._num_frozen_blocks = i + 1
             if int(self._stage_ends.get(i, "c9")[1:]) == freeze_at:
                 break
         for module in frozen:
@@ -237,7 +239,8 @@ class EfficientNetLite(Backbone):
     def forward(self, x: Tensor) -> Dict[str, Tensor]:
         # The cache is a device of the cached training loop: in eval mode (evaluation, every
         # predictor, export) each image's features are computed and nothing is kept, unless
-        # FEATURE_CACHE_AT_TEST asks for it.
+        # FEATURE_CACHE_AT_TEST asks for it. It holds what the frozen stages compute; stages
+        # after FREEZE_AT run (and train) on top of it at every step.
         cache = self.feature_cache
         if cache is not None and (self.training or self.feature_cache_at_test):
             if not self._fingerprint_checked:
@@ -245,24 +248,49 @@ class EfficientNetLite(Backbone):
                 if fingerprint != cache.fingerprint:
                     cache.reset(fingerprint)  # entries of other weights are never served
                 self._fingerprint_checked = True
-            return cache(x, self._forward)
-        return self._forward(x)
+            return self._forward_rest(cache(x, self._forward))
+        return self._forward_rest(self._forward(x))
 
     def weights_fingerprint(self) -> str:
-        """A hash of the architecture and every parameter and buffer: features cached on disk
-        are only reused by a backbone with the same weights."""
+        """A hash of the architecture and of every parameter and buffer of the frozen stages
+        (what the cache holds depends on those only): features cached on disk are only reused by
+        a backbone with the same frozen weights."""
         digest = hashlib.blake2b(digest_size=8)
         digest.update(repr(self._out_features).encode())
+        partial = self._num_frozen_blocks < len(self._blocks)
+        if partial:
+            digest.update(f"frozen blocks {self._num_frozen_blocks}".encode())
         for name, tensor in sorted(self.state_dict().items()):
+            parts = name.split(".")
+            if partial and parts[0] == "_blocks" and int(parts[1]) >= self._num_frozen_blocks:
+                continue
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()
 
     def _forward(self, x: Tensor) -> Dict[str, Tensor]:
+        """The frozen stem and blocks (all blocks when the whole backbone is frozen): their
+        output features, and ``"_prefix"``, the input of the first trainable block, if any."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
         outputs = {}
-        for i, block in enumerate(self._blocks):
+        num_frozen = self._num_frozen_blocks or len(self._blocks)
+        for i, block in enumerate(self._blocks[:num_frozen]):
             x = block(x)
+            name = self._stage_ends.get(i)
+            if name in self._out_features:
+                outputs[name] = x
+        if num_frozen < len(self._blocks):
+            outputs["_prefix"] = x
+        return outputs
+
+    def _forward_rest(self, features: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The blocks after the frozen ones, on ``features["_prefix"]``."""
+        if "_prefix" not in features:
+            return features
+        outputs = {k: v for k, v in features.items() if k != "_prefix"}
+        x = features["_prefix"]
+        for i in range(self._num_frozen_blocks, len(self._blocks)):
+            x = self._blocks[i](x)
             name = self._stage_ends.get(i)
             if name in self._out_features:
                 outputs[name] = x
