@@ -158,6 +158,9 @@ def test_blocks_that_share_outputs_are_ordered():
         block("docs/d.md", "cat output/p/detections.csv\n"),
     ]
     assert block_writes(blocks[4]) == {"output/trees/gfl_lite0"}  # the config's OUTPUT_DIR
+    loop = block("docs/e.md", "for N in 0 1; do x --output-dir output/s$N; done\n"
+                              "y --weights output/s*/model.pth --output output/t\n")
+    assert named_outputs(loop) == ["output/s*", "output/t"]  # a variable or a glob: the glob
     assert block_writes(blocks[6], {".venv/bin/python tools/main_job.py"}) == set()
     deps = dependencies(blocks)
     assert deps[1] == set()  # neither the main job's commands nor its outputs: beside it
@@ -344,8 +347,9 @@ def _tail(done: subprocess.CompletedProcess, n: int = 4000) -> str:
 
 def named_outputs(block: Block) -> List[str]:
     """The ``output/`` paths a block names (one built from a shell variable, ``output/s$seed``,
-    as the glob ``output/s*``), and those its docs list (``WRITES``)."""
-    paths = [m.group(0) + ("*" if block.code[m.end():m.end() + 1] == "$" else "")
+    or a glob, ``output/s*/model.pth``, as the glob ``output/s*``), and those its docs list
+    (``WRITES``)."""
+    paths = [m.group(0) + ("*" if block.code[m.end():m.end() + 1] in ("$", "*") else "")
              for m in re.finditer(r"(?<![\w/])output/[\w./-]*[\w/]", block.code)]
     for key, files in WRITES.items():
         if key in block.code:
