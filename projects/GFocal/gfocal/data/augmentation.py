@@ -172,22 +172,18 @@ def build_photometric_augmentation(cfg) -> List[T.Augmentation]:
     if not 0.0 <= photo.PROB <= 1.0:
         raise ValueError(f"INPUT.PHOTOMETRIC.PROB={photo.PROB} must be in [0, 1]")
     augs = []
-    for key, cls in (("BRIGHTNESS", T.RandomBrightness), ("CONTRAST", T.RandomContrast),
-                     ("SATURATION", T.RandomSaturation)):
-        value = photo[key]
+    for key, cls, off, unit in (
+        ("BRIGHTNESS", T.RandomBrightness, (1.0, 1.0), "intensity factors"),
+        ("CONTRAST", T.RandomContrast, (1.0, 1.0), "intensity factors"),
+        ("SATURATION", T.RandomSaturation, (1.0, 1.0), "intensity factors"),
+        ("BLUR_SIGMA", RandomGaussianBlur, (0.0, 0.0), "Gaussian sigma in pixels"),
+    ):
+        value = tuple(photo.get(key, off))
         if len(value) != 2 or not 0 <= value[0] <= value[1]:
             raise ValueError(
-                f"INPUT.PHOTOMETRIC.{key}={tuple(value)} must be (min, max) with 0 <= min <= max "
-                "(intensity factors; (1.0, 1.0) is off)"
+                f"INPUT.PHOTOMETRIC.{key}={value} must be (min, max) with 0 <= min <= max "
+                f"({unit}; {off} is off)"
             )
-        if tuple(value) != (1.0, 1.0):
+        if value != off:
             augs.append(T.RandomApply(cls(float(value[0]), float(value[1])), prob=photo.PROB))
-    blur = tuple(photo.get("BLUR_SIGMA", (0.0, 0.0)))
-    if len(blur) != 2 or not 0 <= blur[0] <= blur[1]:
-        raise ValueError(
-            f"INPUT.PHOTOMETRIC.BLUR_SIGMA={blur} must be (min, max) with 0 <= min <= max "
-            "(Gaussian sigma in pixels; (0.0, 0.0) is off)"
-        )
-    if blur != (0.0, 0.0):
-        augs.append(T.RandomApply(RandomGaussianBlur(*blur), prob=photo.PROB))
     return augs

@@ -269,16 +269,13 @@ class EfficientNetLite(Backbone):
         return digest.hexdigest()
 
     def _forward(self, x: Tensor) -> Dict[str, Tensor]:
-        """The frozen stem and blocks (all blocks when the whole backbone is frozen): their
-        output features, and ``"_prefix"``, the input of the first trainable block, if any."""
+        """The stem and the frozen blocks (all blocks when the whole backbone is frozen, or none
+        is): their output features, and ``"_prefix"``, the input of the first trainable block,
+        if any."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        outputs = {}
         num_frozen = self._num_frozen_blocks or len(self._blocks)
-        for i, block in enumerate(self._blocks[:num_frozen]):
-            x = block(x)
-            name = self._stage_ends.get(i)
-            if name in self._out_features:
-                outputs[name] = x
+        outputs: Dict[str, Tensor] = {}
+        x = self._run_blocks(x, 0, num_frozen, outputs)
         if num_frozen < len(self._blocks):
             outputs["_prefix"] = x
         return outputs
@@ -288,13 +285,17 @@ class EfficientNetLite(Backbone):
         if "_prefix" not in features:
             return features
         outputs = {k: v for k, v in features.items() if k != "_prefix"}
-        x = features["_prefix"]
-        for i in range(self._num_frozen_blocks, len(self._blocks)):
+        self._run_blocks(features["_prefix"], self._num_frozen_blocks, len(self._blocks), outputs)
+        return outputs
+
+    def _run_blocks(self, x: Tensor, start: int, stop: int, outputs: Dict[str, Tensor]) -> Tensor:
+        """Blocks ``start``..``stop - 1`` on ``x``; the stage outputs asked for go to ``outputs``."""
+        for i in range(start, stop):
             x = self._blocks[i](x)
             name = self._stage_ends.get(i)
             if name in self._out_features:
                 outputs[name] = x
-        return outputs
+        return x
 
     def output_shape(self) -> Dict[str, ShapeSpec]:
         return {
