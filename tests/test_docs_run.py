@@ -475,8 +475,8 @@ def dependencies(blocks: List[Block]) -> List[Set[int]]:
     return deps
 
 
-# Time: the whole run (60 blocks) took 7 min 40 s on the 2-core project machine (AMD EPYC, quiet:
-# the run itself only); docs/detectron2_versions.md ("What CI checks") has the figure's command.
+# Time: the whole run (59 blocks) took 7 min 21 s on the 2-core project machine (AMD EPYC, quiet:
+# the run itself only, 1-minute load 0.45 before); docs/detectron2_versions.md ("What CI checks") has the figure's command.
 
 
 @pytest.mark.trains_in_subprocess
