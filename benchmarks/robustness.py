@@ -8,8 +8,10 @@ no labels here.
 
 Each shift is applied to the whole validation YELL image (its VOC boxes scaled with it for the
 scale shifts), written as a PNG, predicted whole by the tiled predictor (the config's patch
-size, quarter-patch overlap, no resampling: a PNG has no ground resolution) and scored: AP, AP50,
-AP75 (up to 10000 detections) and P/R/F1 at IoU 0.4 at the best-F1 threshold of that image.
+size, quarter-patch overlap, no resampling: a PNG has no ground resolution; each tile with the
+config's test-time augmentation when TEST.AUG.ENABLED, or as ``--tta`` / ``--no-tta`` say) and
+scored: AP, AP50, AP75 (up to 10000 detections) and P/R/F1 at IoU 0.4 at the best-F1 threshold
+of that image.
 Several ``--weights`` (e.g. one per seed) give one row each and their mean. The shifts
 (``--shifts``, names of :data:`SHIFTS`) are detectron2's own transforms where it has one
 (brightness, contrast, saturation: ``T.RandomBrightness`` & co. at a fixed factor; resize:
@@ -50,6 +52,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--shifts", nargs="+", default=list(SHIFTS), choices=list(SHIFTS))
     p.add_argument("--iou", type=float, default=0.4, help="IoU of a hit for P/R/F1")
     p.add_argument("--output", default="output/robustness")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation of each tile (default: when TEST.AUG.ENABLED, as "
+                   "the main job's whole-image figures)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides: KEY VALUE ...")
     return p
 
@@ -101,14 +106,15 @@ def main(argv=None) -> int:
         images[name] = {"path": path, "gt_boxes": boxes}
     rows = {name: [] for name in args.shifts}
     for weights in args.weights:
-        predictor = TiledPredictor(cfg, weights=weights)
+        tta = cfg.TEST.AUG.ENABLED if args.tta is None else args.tta
+        predictor = TiledPredictor(cfg, weights=weights, tta=tta)
         for name in args.shifts:
             res = evaluate_whole_images(predictor, [images[name]], args.iou)
             rows[name].append({"weights": weights, "AP": res["AP"], "AP50": res["AP50"],
                                "AP75": res["AP75"], "best_f1": res["best_f1"]})
             print(f"{weights} {name}: AP {res['AP']:.2f} AP50 {res['AP50']:.2f}", flush=True)
     with open(os.path.join(args.output, "robustness.json"), "w") as f:
-        json.dump({"config": args.config_file, "opts": args.opts, "split": args.split,
+        json.dump({"config": args.config_file, "opts": args.opts, "split": args.split, "tta": tta,
                    "shifts": {n: SHIFTS[n] for n in args.shifts}, "rows": rows}, f, indent=1)
     lines = ["| shift | AP per model | mean AP | mean AP50 | mean best F1 |", "|---|---|---|---|---|"]
     for name, runs in rows.items():

@@ -112,3 +112,26 @@ def test_default_falls_back_to_torch_without_openvino(eager, monkeypatch, caplog
         fallback = TiledPredictor(model=eager.model, input_format="RGB", patch_size=256, overlap=64)
     assert (fallback.backend_name, fallback.channels_last) == ("torch", True)
     assert "pip install openvino==" in caplog.text and "running --backend torch" in caplog.text
+
+
+@pytest.mark.parametrize("backend,precision", [("onnxruntime", "fp32"), ("openvino", "fp32"),
+                                               ("torch", "bf16")])
+def test_tta_runs_through_every_backend(eager, image, backend, precision):
+    """Test-time augmentation of the tiles (as the tree recipe's: sizes x 8 symmetries, WBF)
+    runs each version through the backend: the runtimes (one graph per version size) and bf16
+    give eager fp32's TTA detections."""
+    from gfocal.inference.test_time_augmentation import TestTimeAugmentation
+
+    cfg = tiny_cfg("trees/gfl_lite0_trees.yaml", **{"TEST.AUG.MIN_SIZES": (224, 256),
+                                                     "TEST.AUG.MAX_SIZE": 256})
+    assert cfg.TEST.AUG.DIHEDRAL and cfg.TEST.AUG.MERGE == "wbf"
+    kw = dict(model=eager.model, input_format="RGB", patch_size=256, overlap=64,
+              tta=TestTimeAugmentation(cfg, eager.model))
+    crop = image[:256, :256]  # one tile
+    want = TiledPredictor(**kw, backend="torch", precision="fp32")(crop).instances
+    got = TiledPredictor(**kw, backend=backend, precision=precision)(crop).instances
+    assert len(want) > 20
+    iou = 0.9 if precision == "fp32" else 0.5
+    share = 0.95 if precision == "fp32" else 0.8
+    assert box_agreement(want.pred_boxes.tensor, got.pred_boxes.tensor, iou=iou) >= share
+    assert box_agreement(got.pred_boxes.tensor, want.pred_boxes.tensor, iou=iou) >= share

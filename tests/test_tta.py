@@ -135,3 +135,71 @@ def test_train_net_names_tta_results(monkeypatch):
     assert list(res) == ["a", "b", "a_TTA", "b_TTA"]
     assert calls[1][0] == "GFLWithTTA"
     assert calls[1][1] == [("a", "/nonexistent/inference_TTA/a"), ("b", "/nonexistent/inference_TTA/b")]
+
+
+def _tiled(cfg, model, **kwargs):
+    from gfocal.inference import TiledPredictor
+    from gfocal.inference.test_time_augmentation import TestTimeAugmentation
+
+    return TiledPredictor(model=model, input_format=cfg.INPUT.FORMAT, patch_size=128, overlap=32,
+                          backend="torch", tta=TestTimeAugmentation(cfg, model), **kwargs)
+
+
+def test_tiled_prediction_with_one_identity_version_is_plain_tiled_prediction():
+    from gfocal.inference import TiledPredictor
+
+    cfg = _tta_cfg(MIN_SIZES=(128,), MAX_SIZE=4000, FLIP=False, DIHEDRAL=False, MERGE="nms")
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = _image(200, 260).permute(1, 2, 0).numpy()
+    plain = TiledPredictor(model=model, input_format="BGR", patch_size=128, overlap=32,
+                           backend="torch")(image).instances
+    tta = _tiled(cfg, model)(image).instances
+    assert len(plain) > 20
+    assert torch.equal(tta.pred_boxes.tensor, plain.pred_boxes.tensor)
+    assert torch.equal(tta.scores, plain.scores)
+
+
+@pytest.mark.parametrize("merge", ["nms", "wbf"])
+def test_tiled_tta_of_a_one_tile_image_is_the_evaluations_tta(merge):
+    """The tiled predictor runs the versions (3 sizes x 8 symmetries) of each tile and merges
+    them as the evaluation's TTA does; an image of one patch gives the same detections (with
+    NMS; WBF's fused boxes then pass the seam merge's NMS, a subset)."""
+    cfg = _tta_cfg(MIN_SIZES=(112, 128, 144), MAX_SIZE=4000, DIHEDRAL=True, MERGE=merge)
+    cfg.TEST.DETECTIONS_PER_IMAGE = 1001  # the caps of both: the tiled one's is tile_max_dets + 1
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    image = _image(128, 128, seed=1)
+    calls = []
+    forward = model.forward
+    model.forward = lambda inputs: calls.append(len(inputs)) or forward(inputs)
+    tiled = _tiled(cfg, model, tile_max_dets=1000)
+    got = tiled(image.permute(1, 2, 0).numpy()[:, :, ::-1]).instances  # RGB: the model's BGR
+    assert sum(calls) == 24 and max(calls) <= tiled.batch_size
+    calls.clear()
+    with torch.no_grad():
+        want = GFLWithTTA(cfg, model)([{"image": image, "height": 128, "width": 128}])[0]["instances"]
+    assert sum(calls) == 24
+    assert len(got) > 10
+    key = lambda inst: sorted(zip(inst.scores.tolist(), inst.pred_boxes.tensor.tolist()))  # noqa: E731
+    if merge == "nms":
+        assert len(got) == len(want)
+        for (s0, b0), (s1, b1) in zip(key(got), key(want)):
+            assert s0 == pytest.approx(s1, abs=1e-6) and b0 == pytest.approx(b1, abs=1e-4)
+    else:
+        wanted = {tuple(round(v, 3) for v in b) for _, b in key(want)}
+        assert {tuple(round(v, 3) for v in b) for _, b in key(got)} <= wanted
+
+
+def test_tiled_tta_keeps_the_per_tile_cap_and_is_built_from_the_config():
+    from gfocal.inference import TiledPredictor
+
+    cfg = _tta_cfg(MIN_SIZES=(128,), MAX_SIZE=4000, DIHEDRAL=True, MERGE="wbf")
+    cfg.TEST.AUG.ENABLED = False  # tta=True asks for it whatever the evaluation does
+    torch.manual_seed(0)
+    tiled = TiledPredictor(cfg, patch_size=128, overlap=32, tile_max_dets=7, tta=True)
+    assert tiled.tta is not None and tiled.tta.merge == "wbf"
+    assert tiled.tta.max_detections == 8  # the cap + 1, so that a cut tile is known
+    found, cut = tiled.run_tiles([_image(128, 128).permute(1, 2, 0).numpy()])
+    assert cut == [True] and len(found[0]) == 7
+    assert TiledPredictor(cfg, patch_size=128, overlap=32).tta is None

@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--whole-image-splits", type=_splits, default="train,val",
                    help="whole YELL images predicted tile by tile (gfocal.inference) and scored "
                    "whole: comma-separated train / val, or '' for none")
+    p.add_argument("--whole-image-tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time augmentation of each tile of the whole images (default: when "
+                   "TEST.AUG.ENABLED, as the tiles' evaluation)")
     p.add_argument("--feature-cache-dir", default=None,
                    help="where training writes the frozen backbone's features for the evaluations "
                    "after it to read (MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_DIR, FEATURE_CACHE_AT_TEST); "
@@ -219,7 +222,8 @@ def main(argv=None) -> Dict[str, float]:
     if own_cache:
         shutil.rmtree(cache_dir, ignore_errors=True)  # about 1 GB
     t = time.perf_counter()
-    whole = whole_image_report(cfg, weights, score_thresh, train_pr["iou"], args.whole_image_splits)
+    whole = whole_image_report(cfg, weights, score_thresh, train_pr["iou"], args.whole_image_splits,
+                               args.whole_image_tta)
     times["whole_image_s"] = time.perf_counter() - t
     times["total_s"] = time.perf_counter() - start
 

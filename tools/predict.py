@@ -54,6 +54,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="where backbone and head run (default: the device's; openvino on CPU)")
     p.add_argument("--tile-max-dets", type=int, default=1000,
                    help="detections kept per tile before the merge")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation of every tile (the config's TEST.AUG sizes, "
+                   "symmetries and merge): slower by the number of versions")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (sets MODEL.DEVICE)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --output")
     p.add_argument("--skip-nodata", action=argparse.BooleanOptionalAction, default=True,
@@ -168,7 +171,7 @@ def run(args, cfg, paths: List[str], skipped: List[tuple]) -> None:
             precision=args.precision, channels_last=args.channels_last, edge_margin=args.edge_margin,
             backend=args.backend, tile_max_dets=args.tile_max_dets,
             skip_nodata=args.skip_nodata, nodata=args.nodata,
-            resample=not args.no_resample,
+            resample=not args.no_resample, tta=args.tta,
         )
     except (ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")

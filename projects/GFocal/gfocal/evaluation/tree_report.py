@@ -1,6 +1,6 @@
 """The tree-crown main job's report (tools/main_job.py): the whole YELL images predicted tile by
 tile and scored whole, and the printed summary of a run's ``summary.json``."""
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .coco_metrics import METRIC_KEYS
 
@@ -8,16 +8,18 @@ __all__ = ["whole_image_report", "format_summary"]
 
 
 def whole_image_report(
-    cfg, weights: str, score_thresh: float, iou: float, splits: List[str]
+    cfg, weights: str, score_thresh: float, iou: float, splits: List[str], tta: Optional[bool] = None
 ) -> Dict[str, dict]:
     """Tiled prediction of each whole YELL image of ``splits`` ("train", "val"; gfocal.inference:
-    the config's test size as patch, a quarter patch overlap, seam rule and NMS), scored against
-    its whole-image boxes: AP (up to 10000 detections per image) and P/R/F1 at ``iou`` and
-    ``score_thresh``."""
+    the config's test size as patch, a quarter patch overlap, seam rule and NMS; each tile with
+    the config's test-time augmentation when ``tta``, None: when ``TEST.AUG.ENABLED``, as the
+    tiles' evaluation),
+    scored against its whole-image boxes: AP (up to 10000 detections per image) and P/R/F1 at
+    ``iou`` and ``score_thresh``."""
     from ..inference import TiledPredictor
     from .whole_image import evaluate_whole_images, tree_whole_images
 
-    predictor = TiledPredictor(cfg, weights=weights)
+    predictor = TiledPredictor(cfg, weights=weights, tta=cfg.TEST.AUG.ENABLED if tta is None else tta)
     return {
         split: evaluate_whole_images(predictor, [tree_whole_images(split)], iou, score_thresh)
         for split in splits

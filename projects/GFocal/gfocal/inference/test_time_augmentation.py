@@ -10,12 +10,13 @@ and then flipped / transposed; its detections are mapped back to the input image
 and transposes are exact, the resize is inverted by its scale factors).
 """
 import copy
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
 
+from detectron2.config import configurable
 from detectron2.data import transforms as T
 from detectron2.layers import batched_nms
 from detectron2.modeling.postprocessing import detector_postprocess
@@ -25,10 +26,14 @@ from ..data.augmentation import TransposeTransform
 from ..modeling.box_fusion import weighted_box_fusion
 from .forward import check_precision, run_detector
 
-__all__ = ["DatasetMapperTTA", "GFLWithTTA", "dihedral_transforms", "MERGE_METHODS"]
+__all__ = [
+    "DatasetMapperTTA", "GFLWithTTA", "TestTimeAugmentation", "dihedral_transforms", "MERGE_METHODS",
+]
 
 MERGE_METHODS = ("nms", "wbf")
 WBF_DEFAULT_IOU = 0.55  # ensemble-boxes' default iou_thr
+# model inputs (dicts with "image") -> their detections, one Instances each
+Detector = Callable[[List[Dict]], List[Instances]]
 
 
 def dihedral_transforms(height: int, width: int, flip: bool, dihedral: bool) -> List[T.Transform]:
@@ -79,52 +84,61 @@ class DatasetMapperTTA:
         return out
 
 
-class GFLWithTTA(nn.Module):
-    """A dense detector with test-time augmentation: ``model(batched_inputs)`` as the wrapped
-    model's, each image's detections merged from all its versions (:class:`DatasetMapperTTA`)."""
+class TestTimeAugmentation:
+    """The versions of each input (:class:`DatasetMapperTTA`) run by a detector and their
+    detections merged back in the input's pixels (``TEST.AUG.MERGE``). Shared by
+    :class:`GFLWithTTA` (evaluation, the model's own forward) and the tiled predictor (each tile,
+    through its backend), so both merge alike."""
 
-    def __init__(self, cfg, model: nn.Module, tta_mapper=None, batch_size: int = 4,
-                 precision: str = "fp32"):
-        super().__init__()
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        self.model = model
-        self.tta_mapper = tta_mapper or DatasetMapperTTA.from_config(cfg)
-        self.batch_size = batch_size
-        self.precision = check_precision(precision, "precision")
-        self.merge = cfg.TEST.AUG.MERGE
-        if self.merge not in MERGE_METHODS:
-            raise ValueError(f"TEST.AUG.MERGE={self.merge!r} is not one of {list(MERGE_METHODS)}")
-        iou = cfg.TEST.AUG.MERGE_IOU_THRESH
+    @configurable
+    def __init__(self, *, mapper: DatasetMapperTTA, merge: str = "nms", iou_thresh: float = 0.5,
+                 max_detections: int = 100, batch_size: int = 4):
+        if merge not in MERGE_METHODS:
+            raise ValueError(f"TEST.AUG.MERGE={merge!r} is not one of {list(MERGE_METHODS)}")
+        if not 0 < iou_thresh <= 1:
+            raise ValueError(f"TEST.AUG.MERGE_IOU_THRESH={iou_thresh} must be <= 1 (<= 0: the default)")
+        self.mapper, self.merge, self.iou_thresh = mapper, merge, float(iou_thresh)
+        self.max_detections, self.batch_size = int(max_detections), int(batch_size)
+
+    @classmethod
+    def from_config(cls, cfg, model: Optional[nn.Module] = None, **kwargs):
+        """``TEST.AUG.*``; the NMS merge's default IoU and the detections kept are ``model``'s
+        (``MODEL.GFL.NMS_THRESH_TEST``, ``TEST.DETECTIONS_PER_IMAGE`` without one)."""
+        merge, iou = cfg.TEST.AUG.MERGE, cfg.TEST.AUG.MERGE_IOU_THRESH
         if iou > 1:
             raise ValueError(f"TEST.AUG.MERGE_IOU_THRESH={iou} must be <= 1 (<= 0: the default)")
-        default = getattr(model, "test_nms_thresh", 0.5) if self.merge == "nms" else WBF_DEFAULT_IOU
-        self.iou_thresh = iou if iou > 0 else default
-        self.max_detections = getattr(model, "max_detections_per_image", cfg.TEST.DETECTIONS_PER_IMAGE)
+        nms = getattr(model, "test_nms_thresh", cfg.MODEL.GFL.NMS_THRESH_TEST)
+        return {
+            "mapper": DatasetMapperTTA.from_config(cfg),
+            "merge": merge,
+            "iou_thresh": iou if iou > 0 else (nms if merge == "nms" else WBF_DEFAULT_IOU),
+            "max_detections": getattr(model, "max_detections_per_image", cfg.TEST.DETECTIONS_PER_IMAGE),
+            **kwargs,
+        }
 
-    def _inference(self, inputs: List[Dict]) -> List[Instances]:
-        """The model's detections of each input (in its own pixels), batching equal sizes."""
-        outputs: List[Instances] = [None] * len(inputs)
+    def _run(self, detector: Detector, versions: List[Dict]) -> List[Instances]:
+        """``detector``'s detections of each version (in its own pixels), batching equal sizes."""
+        outputs: List[Instances] = [None] * len(versions)
         by_shape: Dict[tuple, List[int]] = {}
-        for i, x in enumerate(inputs):
+        for i, x in enumerate(versions):
             by_shape.setdefault(tuple(x["image"].shape), []).append(i)
         for idxs in by_shape.values():
             for k in range(0, len(idxs), self.batch_size):
                 chunk = idxs[k : k + self.batch_size]
-                found = run_detector(self.model, [inputs[i] for i in chunk], self.precision)
-                for i, out in zip(chunk, found):
-                    outputs[i] = out["instances"]
+                for i, inst in zip(chunk, detector([versions[i] for i in chunk])):
+                    outputs[i] = inst
         return outputs
 
-    def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
-        return [{"instances": self._single(x)} for x in batched_inputs]
+    def __call__(self, detector: Detector, inputs: List[Dict]) -> List[Instances]:
+        """Each input's merged detections; ``detector`` maps model inputs to their Instances."""
+        return [self._single(detector, x) for x in inputs]
 
-    def _single(self, x: Dict) -> Instances:
-        versions = self.tta_mapper(x)
+    def _single(self, detector: Detector, x: Dict) -> Instances:
+        versions = self.mapper(x)
         height, width = x["image"].shape[1:]
         orig = (x.get("height", height), x.get("width", width))
         boxes, scores, classes = [], [], []
-        for version, inst in zip(versions, self._inference(versions)):
+        for version, inst in zip(versions, self._run(detector, versions)):
             b = inst.pred_boxes.tensor
             back = version["transforms"].inverse().apply_box(b.detach().cpu().numpy())
             boxes.append(torch.as_tensor(back, dtype=b.dtype, device=b.device).reshape(-1, 4))
@@ -145,3 +159,24 @@ class GFLWithTTA(nn.Module):
         result.pred_classes = classes
         # As the model's own postprocessing: clip to the image, drop empty boxes.
         return detector_postprocess(result, *orig)
+
+
+class GFLWithTTA(nn.Module):
+    """A dense detector with test-time augmentation: ``model(batched_inputs)`` as the wrapped
+    model's, each image's detections merged from all its versions (:class:`TestTimeAugmentation`)."""
+
+    def __init__(self, cfg, model: nn.Module, tta_mapper=None, batch_size: int = 4,
+                 precision: str = "fp32"):
+        super().__init__()
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        self.model = model
+        self.precision = check_precision(precision, "precision")
+        mapper = {"mapper": tta_mapper} if tta_mapper is not None else {}
+        self.tta = TestTimeAugmentation(cfg, model, batch_size=batch_size, **mapper)
+
+    def _detect(self, inputs: List[Dict]) -> List[Instances]:
+        return [out["instances"] for out in run_detector(self.model, inputs, self.precision)]
+
+    def __call__(self, batched_inputs: List[Dict]) -> List[Dict]:
+        return [{"instances": inst} for inst in self.tta(self._detect, batched_inputs)]

@@ -1,4 +1,5 @@
 """Tiled prediction of whole images: several tiles per forward pass, one merge per image."""
+import copy
 import logging
 import warnings
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from .forward import PRECISIONS, prepare_model
 from .merge import merge_detections
 from .nodata import NodataFilter, check_nodata_value
 from .reader import WindowReader, open_image, resample_scale
+from .test_time_augmentation import TestTimeAugmentation
 from .tile_detections import TileDetections
 
 __all__ = ["TiledPredictor", "TiledResult", "ArrayReader", "PRECISIONS", "DEVICE_DEFAULTS",
@@ -118,6 +120,7 @@ class TiledPredictor:
         nodata: Optional[float] = None,
         model_gsd: float = 0.0,
         resample: bool = True,
+        tta: Optional[TestTimeAugmentation] = None,
     ):
         """
         Args:
@@ -140,6 +143,8 @@ class TiledPredictor:
             model_gsd: metres per pixel the model was trained at (``INPUT.GSD``; 0: unknown).
             resample: read each image resampled to ``model_gsd`` when its own GSD is known (a
                 GeoTIFF's transform, or ``gsd`` of :meth:`__call__`); boxes are mapped back.
+            tta: test-time augmentation of each tile (``TEST.AUG``: its sizes and symmetries run
+                through the backend, merged per tile before the seam merge), or None.
         """
         if input_format not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT={input_format!r}: the tiled predictor takes RGB or BGR")
@@ -185,6 +190,10 @@ class TiledPredictor:
         check_nodata_value(nodata)
         self.backend_name = backend
         self._backend = None
+        self.tta = None
+        if tta is not None:  # a tile's merged versions obey the per-tile cap as the model's do
+            self.tta = copy.copy(tta)
+            self.tta.max_detections, self.tta.batch_size = self.tile_max_dets + 1, self.batch_size
         if hasattr(model, "test_score_thresh"):  # a detector (tests give stand-ins)
             prepare_model(self.model, self.channels_last)
             with self._model_thresholds():
@@ -195,13 +204,16 @@ class TiledPredictor:
         """Build the model of a yacs config with its evaluated weights (``MODEL.WEIGHTS`` or
         ``weights``: :func:`gfocal.model_io.weights.load_evaluated_weights`); the patch size
         defaults to the config's test size ``INPUT.MIN_SIZE_TEST``, the overlap to a quarter of
-        the patch. Other keyword arguments are passed through."""
+        the patch; ``tta=True`` adds the config's test-time augmentation (``TEST.AUG``, whether
+        or not ``TEST.AUG.ENABLED``). Other keyword arguments are passed through."""
         model = build_model(cfg)
         load_evaluated_weights(cfg, model, weights or cfg.MODEL.WEIGHTS)
         patch = kwargs.pop("patch_size", None) or int(cfg.INPUT.MIN_SIZE_TEST)
         overlap = kwargs.pop("overlap", None)
+        tta = kwargs.pop("tta", None)
         return {
             "model": model,
+            "tta": TestTimeAugmentation(cfg, model) if tta else None,
             "input_format": cfg.INPUT.FORMAT,
             "patch_size": patch,
             "overlap": patch // 4 if overlap is None else overlap,
@@ -219,11 +231,14 @@ class TiledPredictor:
         return inference_thresholds(self.model, **self._thresholds)
 
     def _tile_inputs(self, tiles: Sequence[np.ndarray]) -> List[dict]:
+        # With TTA the tiles stay uint8, as the evaluation's inputs: detectron2 resizes a uint8
+        # image with PIL and a float one with torch, which differ.
+        dtype = None if self.tta is not None else torch.float32
         inputs = []
         for tile in tiles:
             if self.input_format == "BGR":
                 tile = tile[:, :, ::-1]
-            image = torch.as_tensor(np.ascontiguousarray(tile.transpose(2, 0, 1)), dtype=torch.float32)
+            image = torch.as_tensor(np.ascontiguousarray(tile.transpose(2, 0, 1)), dtype=dtype)
             inputs.append({"image": image, "height": tile.shape[0], "width": tile.shape[1]})
         return inputs
 
@@ -232,7 +247,8 @@ class TiledPredictor:
         :class:`Instances` in tile pixels (the model's NMS, at most ``tile_max_dets``), and
         whether the cap cut detections that passed the score threshold."""
         with self._model_thresholds():
-            found = self._backend(self._tile_inputs(tiles))
+            inputs = self._tile_inputs(tiles)
+            found = self.tta(self._backend, inputs) if self.tta is not None else self._backend(inputs)
         cut = [len(inst) > self.tile_max_dets for inst in found]
         return [inst[: self.tile_max_dets] if c else inst for inst, c in zip(found, cut)], cut
 
