@@ -5,13 +5,14 @@ docs/ runs in seconds:
 
 - training (``train_net.py``, ``tools/main_job.py``, ``tools/run_ablation.py``,
   ``lazyconfig_train_net.py``): 2 iterations of batch 2 on the CPU, inputs and test-time
-  augmentation at 128 px, TTA merged by NMS, no data-loader
+  augmentation at 128 px, TTA of 2 versions (the flip) merged by NMS, no data-loader
   workers, no ImageNet download (``MODEL.WEIGHTS ""`` where the command names no weights);
   the tree-crown tiles are 800 px (16 training, 4 validation tiles; ``DETECTRON2_DATASETS`` of
   the workspace);
 - sweeps and ablations: the first value of each swept list (``--seeds``, ``--lrs``,
   ``--variants``, ``--nms``);
-- benchmarks: one round at small sizes, one thread (``--threads 1``);
+- benchmarks: one round at small sizes, one thread (``--threads 1``); the robustness benchmark
+  without TTA (``--no-tta``) where the command does not ask for it;
 - export: ``MODEL.GFL.SCORE_THRESH_TEST 0.0`` (a 2-iteration model finds nothing above 0.05);
 - ``-m pytest``: ``--collect-only`` (the suite is not run inside itself).
 
@@ -30,6 +31,7 @@ TRAIN_OPTS = [
     "INPUT.MIN_SIZE_TRAIN", "(128,)", "INPUT.MAX_SIZE_TRAIN", "128",
     "INPUT.MIN_SIZE_TEST", "128", "INPUT.MAX_SIZE_TEST", "128",
     "TEST.AUG.MIN_SIZES", "(128,)", "TEST.AUG.MAX_SIZE", "128", "TEST.AUG.MERGE", "nms",
+    "TEST.AUG.DIHEDRAL", "False",
 ]
 LAZY_OPTS = [
     "train.max_iter=2", "train.device=cpu", "dataloader.train.total_batch_size=2",
@@ -85,7 +87,7 @@ RULES: Dict[str, dict] = {
     "benchmarks/nodata_skip.py": {"replace": {"--size": ["1024"], "--repeats": ["1"]}},
     "benchmarks/resolution.py": {"replace": {"--gsd": ["0.2"]}, "add": {"--gsd": ["0.2"]}},
     "benchmarks/robustness.py": {"replace": {"--shifts": ["none", "blur-sigma1.5"]},
-                                 "add": {"--shifts": ["none", "blur-sigma1.5"]}},
+                                 "add": {"--shifts": ["none", "blur-sigma1.5"], "--no-tta": []}},
     "benchmarks/backbone_variants.py": {"replace": {"--repeats": ["1"], "--warmup": ["0"]},
                                         "add": {"--warmup": ["0"], "--variants": ["lite0", "lite1"]}},
     "benchmarks/tiled_predict.py": {

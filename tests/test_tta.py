@@ -203,3 +203,48 @@ def test_tiled_tta_keeps_the_per_tile_cap_and_is_built_from_the_config():
     found, cut = tiled.run_tiles([_image(128, 128).permute(1, 2, 0).numpy()])
     assert cut == [True] and len(found[0]) == 7
     assert TiledPredictor(cfg, patch_size=128, overlap=32).tta is None
+
+
+def _wbf_reference(boxes, scores, classes, num_versions, iou_thresh):
+    """The fusion rule written plainly in torch: every fused box recomputed at every step."""
+    from detectron2.structures import pairwise_iou
+
+    order = torch.argsort(scores, descending=True, stable=True)
+    boxes, scores, classes = boxes[order].double(), scores[order].double(), classes[order]
+    members = []  # per cluster: (class, [indices])
+    for i in range(len(boxes)):
+        best, best_iou = -1, iou_thresh
+        for k, (cls, idx) in enumerate(members):
+            w = scores[idx]
+            mean = (w[:, None] * boxes[idx]).sum(0) / w.sum()
+            iou = float(pairwise_iou(Boxes(boxes[i : i + 1]), Boxes(mean[None]))[0, 0])
+            if cls == classes[i] and iou > best_iou:
+                best, best_iou = k, iou
+        if best < 0:
+            members.append((classes[i], [i]))
+        else:
+            members[best][1].append(i)
+    out = []
+    for cls, idx in members:
+        w = scores[idx]
+        score = w.sum() / len(idx) * min(len(idx), num_versions) / num_versions
+        out.append(((w[:, None] * boxes[idx]).sum(0) / w.sum(), float(score), int(cls)))
+    out.sort(key=lambda t: -t[1])
+    return out
+
+
+@pytest.mark.parametrize("iou", [0.3, 0.55])
+def test_weighted_box_fusion_follows_the_rule_on_random_sets(iou):
+    g = torch.Generator().manual_seed(0)
+    centres = torch.rand(20, 2, generator=g) * 200
+    boxes = torch.cat([torch.cat([centres + torch.randn(20, 2, generator=g) * 2,
+                                  centres + 25 + torch.randn(20, 2, generator=g) * 4], 1)
+                       for _ in range(6)])
+    scores = 0.05 + torch.rand(len(boxes), generator=g)
+    classes = torch.randint(0, 2, (len(boxes),), generator=g)
+    got = weighted_box_fusion(boxes, scores, classes, 6, iou)
+    want = _wbf_reference(boxes, scores, classes, 6, iou)
+    assert len(got[0]) == len(want) and 20 <= len(want) < len(boxes)
+    for box, score, cls, (wbox, wscore, wcls) in zip(*got, want):
+        assert torch.allclose(box.double(), wbox, atol=1e-4) and int(cls) == wcls
+        assert float(score) == pytest.approx(wscore, abs=1e-6)

@@ -11,12 +11,48 @@ members, its score their mean score times ``min(members, num_versions) / num_ver
 """
 from typing import Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from detectron2.structures import pairwise_iou, Boxes
-
 __all__ = ["weighted_box_fusion"]
+
+
+def _clusters(b: np.ndarray, s: np.ndarray, c: np.ndarray, iou_thresh: float):
+    """The clusters of boxes ``b`` (N, 4) sorted by score ``s``, classes ``c``: per cluster its
+    score-weighted mean box, score sum, member count and class."""
+    n = len(b)
+    fused_sum = np.zeros((n, 4))  # sum of score x box of each cluster
+    fused_weight = np.zeros(n)  # sum of scores
+    fused_count = np.zeros(n)
+    fused_class = np.full(n, -1, dtype=c.dtype)
+    current = np.zeros((n, 4))  # fused_sum / fused_weight
+    area = np.zeros(n)
+    num_fused = 0
+    for i in range(n):
+        j = -1
+        box = b[i]
+        if num_fused:
+            cur = current[:num_fused]
+            wh = np.minimum(box[2:], cur[:, 2:]) - np.maximum(box[:2], cur[:, :2])
+            inter = np.clip(wh, 0, None).prod(axis=1)
+            box_area = (box[2] - box[0]) * (box[3] - box[1])
+            ious = np.where(inter > 0, inter / (box_area + area[:num_fused] - inter), 0.0)
+            ious[fused_class[:num_fused] != c[i]] = -1.0
+            best = int(np.argmax(ious))
+            if ious[best] > iou_thresh:
+                j = best
+        if j < 0:
+            j = num_fused
+            num_fused += 1
+            fused_class[j] = c[i]
+        fused_sum[j] += s[i] * box
+        fused_weight[j] += s[i]
+        fused_count[j] += 1
+        current[j] = fused_sum[j] / fused_weight[j]
+        area[j] = (current[j, 2] - current[j, 0]) * (current[j, 3] - current[j, 1])
+    k = num_fused
+    return current[:k].copy(), fused_weight[:k], fused_count[:k], fused_class[:k].copy()
 
 
 def weighted_box_fusion(
@@ -31,35 +67,21 @@ def weighted_box_fusion(
         raise ValueError(f"num_versions={num_versions} must be >= 1")
     if boxes.numel() == 0:
         return boxes.reshape(0, 4), scores[:0], classes[:0]
-    dtype = boxes.dtype
+    dtype, device = boxes.dtype, boxes.device
     order = torch.argsort(scores, descending=True, stable=True)
-    # Sums in float64: the mean of identical boxes is that box, not one float32 ulp off it.
-    boxes, scores, classes = boxes[order].double(), scores[order].double(), classes[order]
-    # The sequence of joins depends on earlier ones (a fused box moves as members join), so the
-    # loop over boxes stays; the IoU with all fused boxes of a step is one vectorised call.
-    fused_sum = boxes.new_zeros((len(boxes), 4))  # sum of score x box of each cluster
-    fused_weight = boxes.new_zeros(len(boxes))  # sum of scores
-    fused_count = boxes.new_zeros(len(boxes))
-    fused_class = classes.new_full((len(boxes),), -1)
-    num_fused = 0
-    for i in range(len(boxes)):
-        j = -1
-        if num_fused:
-            current = fused_sum[:num_fused] / fused_weight[:num_fused, None]
-            ious = pairwise_iou(Boxes(boxes[i : i + 1]), Boxes(current))[0]
-            ious[fused_class[:num_fused] != classes[i]] = -1.0
-            best = int(torch.argmax(ious))
-            if ious[best] > iou_thresh:
-                j = best
-        if j < 0:
-            j = num_fused
-            num_fused += 1
-            fused_class[j] = classes[i]
-        fused_sum[j] += scores[i] * boxes[i]
-        fused_weight[j] += scores[i]
-        fused_count[j] += 1
-    count = fused_count[:num_fused]
-    out_boxes = fused_sum[:num_fused] / fused_weight[:num_fused, None]
-    out_scores = fused_weight[:num_fused] / count * count.clamp(max=num_versions) / num_versions
+    # Sums in float64: the mean of identical boxes is that box, not one float32 ulp off it. The
+    # sequence of joins depends on earlier ones (a fused box moves as members join), so the loop
+    # over boxes stays; it runs in numpy (a small torch op costs ~10x a numpy one), keeps each
+    # fused box's mean up to date instead of recomputing all, and computes the IoU with all fused
+    # boxes of a step in one vectorised expression (detectron2's pairwise_iou's arithmetic).
+    b = boxes[order].detach().cpu().double().numpy()
+    s = scores[order].detach().cpu().double().numpy()
+    c = classes[order].detach().cpu().numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):  # zero scores: nan boxes, as torch's
+        current, weight, count, fused_class = _clusters(b, s, c, iou_thresh)
+    out_boxes = torch.from_numpy(current)
+    out_scores = torch.from_numpy(weight / count * np.minimum(count, num_versions) / num_versions)
+    out_classes = torch.from_numpy(fused_class)
     order = torch.argsort(out_scores, descending=True, stable=True)
-    return out_boxes[order].to(dtype), out_scores[order].float(), fused_class[:num_fused][order]
+    return (out_boxes[order].to(device=device, dtype=dtype), out_scores[order].float().to(device),
+            out_classes[order].to(classes.device))
