@@ -12,7 +12,8 @@ docs/ runs in seconds:
 - sweeps and ablations: the first value of each swept list (``--seeds``, ``--lrs``,
   ``--variants``, ``--nms``);
 - benchmarks: one round at small sizes, one thread (``--threads 1``); the robustness benchmark
-  without TTA (``--no-tta``) where the command does not ask for it;
+  without TTA (``--no-tta``) where the command does not ask for it; ``tools/predict.py --tta``
+  with 2 versions per tile;
 - export: ``MODEL.GFL.SCORE_THRESH_TEST 0.0`` (a 2-iteration model finds nothing above 0.05);
 - ``-m pytest``: ``--collect-only`` (the suite is not run inside itself).
 
@@ -88,6 +89,9 @@ RULES: Dict[str, dict] = {
     "benchmarks/resolution.py": {"replace": {"--gsd": ["0.2"]}, "add": {"--gsd": ["0.2"]}},
     "benchmarks/robustness.py": {"replace": {"--shifts": ["none", "blur-sigma1.5"]},
                                  "add": {"--shifts": ["none", "blur-sigma1.5"], "--no-tta": []}},
+    # --tta: 2 versions per tile at the patch size (the recipe's 24 would take minutes)
+    "tools/predict.py": {"add": {"--opts": ["TEST.AUG.MIN_SIZES", "(400,)", "TEST.AUG.MAX_SIZE", "400",
+                                            "TEST.AUG.DIHEDRAL", "False"]}},
     "benchmarks/backbone_variants.py": {"replace": {"--repeats": ["1"], "--warmup": ["0"]},
                                         "add": {"--warmup": ["0"], "--variants": ["lite0", "lite1"]}},
     "benchmarks/tiled_predict.py": {
