@@ -49,6 +49,9 @@ def test_doc_commands_parse_and_load():
             name = os.path.splitext(os.path.basename(cmd[1]))[0]
             _load(name, cmd[1]).get_parser().parse_args(cmd[2:])
             continue
+        if cmd[1] == "tools/predict.py":
+            _load("predict", "tools/predict.py").get_parser().parse_args(cmd[2:])
+            continue
         assert cmd[1] == "train_net.py", cmd
         args = default_argument_parser().parse_args(cmd[2:])
         args.config_file = os.path.join(REPO_ROOT, args.config_file)
