@@ -65,8 +65,10 @@ def test_main_job_short_run(tmp_path):
         "SOLVER.STEPS", "(2,)", "DATALOADER.NUM_WORKERS", "0",
         "INPUT.MIN_SIZE_TRAIN", "(256,)", "INPUT.MAX_SIZE_TRAIN", "256",
         "INPUT.MIN_SIZE_TEST", "256", "INPUT.MAX_SIZE_TEST", "256",
-        # the recipe's TTA at the test size; NMS merge (WBF's loop is slow on untrained boxes)
+        # TTA at the test size (2 versions: the flip; the whole image runs it on every tile too);
+        # NMS merge (WBF's loop is slow on untrained boxes)
         "TEST.AUG.MIN_SIZES", "(256,)", "TEST.AUG.MAX_SIZE", "256", "TEST.AUG.MERGE", "nms",
+        "TEST.AUG.DIHEDRAL", "False",
     ]
     # A few minutes on a quiet 2-core machine; over 600 s beside a training (session 6), so the
     # limit leaves room for a loaded machine.
