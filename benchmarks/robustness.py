@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         cv2.imwrite(path, image[:, :, ::-1])
         images[name] = {"path": path, "gt_boxes": boxes}
     rows = {name: [] for name in args.shifts}
+    tta = cfg.TEST.AUG.ENABLED if args.tta is None else args.tta
     for weights in args.weights:
-        tta = cfg.TEST.AUG.ENABLED if args.tta is None else args.tta
         predictor = TiledPredictor(cfg, weights=weights, tta=tta)
         for name in args.shifts:
             res = evaluate_whole_images(predictor, [images[name]], args.iou)

@@ -64,8 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "accepted between the training run and --eval-only")
     p.add_argument("--whole-image-splits", type=_splits, default="val",
                    help="whole YELL images predicted tile by tile (gfocal.inference) and scored "
-                   "whole: comma-separated train / val ('train,val' adds the training image, "
-                   "about 3 min more with the recipe's TTA on 2 cores), or '' for none")
+                   "whole: comma-separated train / val ('train,val' adds the training image, 4x "
+                   "the validation image's patches), or '' for none")
     p.add_argument("--whole-image-tta", action=argparse.BooleanOptionalAction, default=None,
                    help="test-time augmentation of each tile of the whole images (default: when "
                    "TEST.AUG.ENABLED, as the tiles' evaluation)")

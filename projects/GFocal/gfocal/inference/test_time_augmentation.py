@@ -104,9 +104,7 @@ class TestTimeAugmentation:
     def from_config(cls, cfg, model: Optional[nn.Module] = None, **kwargs):
         """``TEST.AUG.*``; the NMS merge's default IoU and the detections kept are ``model``'s
         (``MODEL.GFL.NMS_THRESH_TEST``, ``TEST.DETECTIONS_PER_IMAGE`` without one)."""
-        merge, iou = cfg.TEST.AUG.MERGE, cfg.TEST.AUG.MERGE_IOU_THRESH
-        if iou > 1:
-            raise ValueError(f"TEST.AUG.MERGE_IOU_THRESH={iou} must be <= 1 (<= 0: the default)")
+        merge, iou = cfg.TEST.AUG.MERGE, cfg.TEST.AUG.MERGE_IOU_THRESH  # checked by __init__
         nms = getattr(model, "test_nms_thresh", cfg.MODEL.GFL.NMS_THRESH_TEST)
         return {
             "mapper": DatasetMapperTTA.from_config(cfg),
