@@ -28,10 +28,11 @@ EXPECTED = {
 
 
 @pytest.mark.parametrize("variant", sorted(EXPECTED))
-def test_variant_loads_its_package_weights_and_matches_the_reference(variant):
+@pytest.mark.parametrize("norm", ["BN", "FrozenBN"])  # FrozenBN: folded into the convolutions
+def test_variant_loads_its_package_weights_and_matches_the_reference(variant, norm):
     from efficientnet_lite_pytorch import EfficientNet
 
-    ours = EfficientNetLite(["c3", "c4", "c5"], freeze_at=0, norm="BN", variant=variant)
+    ours = EfficientNetLite(["c3", "c4", "c5"], freeze_at=0, norm=norm, variant=variant)
     missing, unexpected = load_lite_weights(ours, "package")
     assert missing == [] and {k.split(".")[0] for k in unexpected} == {"_conv_head", "_bn1", "_fc"}
     package = torch.load(packaged_weights(variant), map_location="cpu")
@@ -58,7 +59,10 @@ def test_variant_loads_its_package_weights_and_matches_the_reference(variant):
     for (name, stride), c in zip((("c3", 8), ("c4", 16), ("c5", 32)), channels):
         assert (shapes[name].channels, shapes[name].stride) == (c, stride)
         assert feats[name].shape == (1, c, 96 // stride, 128 // stride)
-        torch.testing.assert_close(feats[name], expected[name], rtol=0, atol=1e-5)
+        # float rounding only: channels-last kernels, and frozen norms folded into the weights
+        torch.testing.assert_close(feats[name], expected[name], rtol=1e-4, atol=1e-4)
+        scale = expected[name].abs().max()
+        assert scale > 1, scale  # the tolerance is small against the features' magnitude
 
 
 def test_weights_of_another_variant_are_refused():

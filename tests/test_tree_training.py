@@ -37,7 +37,7 @@ def test_lite0_matches_the_package_model(caplog):
             expected[{4: "c3", 10: "c4", 15: "c5"}.get(i)] = y
     for name, stride, channels in (("c3", 8, 40), ("c4", 16, 112), ("c5", 32, 320)):
         assert feats[name].shape == (1, channels, 96 // stride, 128 // stride)
-        torch.testing.assert_close(feats[name], expected[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(feats[name], expected[name], rtol=1e-4, atol=1e-4)  # channels-last
 
 
 def test_freeze_and_bad_keys():

@@ -12,9 +12,8 @@
    validation AP is the same, and reports precision / recall / F1 at IoU 0.4 on validation at the
    score threshold with the best F1 on the training tiles (the frozen backbone's features of
    the training tiles are read from ``--feature-cache-dir``, where training wrote them);
-4. draws ground truth (green; border-cut crowns grey) and predictions (red, with scores) at that
-   threshold on the validation tiles (GFLPredictor with the recipe's EMA weights and TTA;
-   gfocal.visualization) as PNGs;
+4. draws ground truth (green; border-cut crowns grey) and the evaluation's detections (red, with
+   scores) at that threshold on the validation tiles (gfocal.visualization) as PNGs;
 5. writes ``summary.json`` and prints AP/AP50/AP75, precision/recall and where the files are.
 
 Trailing ``KEY VALUE`` pairs are config overrides for both runs (e.g. ``SOLVER.MAX_ITER 20``).
@@ -134,19 +133,12 @@ def evaluate_again(cfg, weights: str, eval_dir: str) -> dict:
     return evaluate(cfg)
 
 
-def draw(cfg, weights: str, out_dir: str, num: int, score_thresh: float) -> List[str]:
-    """The validation tiles with ground truth and predictions (GFLPredictor: the checkpoint's EMA
-    weights and TTA as the recipe sets them)."""
-    from gfocal.inference.predictor import GFLPredictor
-    from gfocal.inference.test_time_augmentation import GFLWithTTA
-    from gfocal.visualization import draw_dataset_predictions
+def draw(results_json: str, dataset: str, out_dir: str, num: int, score_thresh: float) -> List[str]:
+    """The first ``num`` tiles of ``dataset`` with ground truth and the detections the evaluation
+    wrote (the checkpoint's EMA weights and TTA, as the recipe sets them)."""
+    from gfocal.visualization import draw_dataset_results
 
-    cfg = cfg.clone()
-    cfg.MODEL.WEIGHTS = weights
-    predictor = GFLPredictor(cfg)
-    if cfg.TEST.AUG.ENABLED:
-        predictor.model = GFLWithTTA(cfg, predictor.model)
-    return draw_dataset_predictions(predictor, cfg.DATASETS.TEST[-1], out_dir, num, score_thresh)
+    return draw_dataset_results(results_json, dataset, out_dir, num, score_thresh)
 
 
 def main(argv=None) -> Dict[str, float]:
@@ -216,7 +208,8 @@ def main(argv=None) -> Dict[str, float]:
 
     # 4. Draw, 5. whole images.
     t = time.perf_counter()
-    drawn = draw(eval_cfg, weights, os.path.join(out, "vis"), args.num_draw,
+    drawn = draw(os.path.join(eval_dir, results_name), VAL_SET, os.path.join(out, "vis"),
+                 args.num_draw,
                  score_thresh if args.draw_score_thresh is None else args.draw_score_thresh)
     times["draw_s"] = time.perf_counter() - t
     cache_files["after_evaluation"] = _count_files(cache_dir)

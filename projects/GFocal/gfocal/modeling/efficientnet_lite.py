@@ -96,12 +96,12 @@ class SamePadConv2d(nn.Conv2d):
     """Conv2d with TensorFlow's "SAME" padding computed from each input's size (extra pixel on
     the bottom/right when the total is odd), as the ImageNet weights were trained."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _conv_forward(self, x: Tensor, weight: Tensor, bias) -> Tensor:
         pads = []
         for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads += [total // 2, total - total // 2]
-        return super().forward(F.pad(x, pads))
+        return super()._conv_forward(F.pad(x, pads), weight, bias)
 
 
 def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1):
@@ -110,6 +110,19 @@ def _conv_bn(c_in: int, c_out: int, k: int, stride: int = 1, groups: int = 1):
     else:
         conv = SamePadConv2d(c_in, c_out, k, stride=stride, groups=groups, bias=False)
     return conv, nn.BatchNorm2d(c_out, eps=BN_EPS)
+
+
+def conv_norm(conv: nn.Conv2d, norm: nn.Module, x: Tensor) -> Tensor:
+    """``norm(conv(x))``. A FrozenBatchNorm2d is a fixed per-channel affine map, so it is folded
+    into the convolution's weight and bias (recomputed at each call, so loaded or trained weights
+    are always the ones used, and differentiable in the weights): one pass over the feature map
+    instead of two. Same result up to float rounding; on a CPU the frozen backbone runs about 1.2x
+    faster (benchmarks/backbone_speed.py)."""
+    if not isinstance(norm, FrozenBatchNorm2d):
+        return norm(conv(x))
+    scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+    bias = norm.bias - norm.running_mean * scale
+    return conv._conv_forward(x, conv.weight * scale.reshape(-1, 1, 1, 1), bias)
 
 
 class MBConv(nn.Module):
@@ -127,9 +140,9 @@ class MBConv(nn.Module):
         self.skip = stride == 1 and c_in == c_out
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
-        y = F.relu6(self._bn1(self._depthwise_conv(y)))
-        y = self._bn2(self._project_conv(y))
+        y = F.relu6(conv_norm(self._expand_conv, self._bn0, x)) if self.expand else x
+        y = F.relu6(conv_norm(self._depthwise_conv, self._bn1, y))
+        y = conv_norm(self._project_conv, self._bn2, y)
         return x + y if self.skip else y
 
 
@@ -210,6 +223,7 @@ class EfficientNetLite(Backbone):
             )
         self.feature_cache_at_test = feature_cache_at_test
         self._fingerprint_checked = False
+        self.to(memory_format=torch.channels_last)  # see _forward; loading weights keeps it
 
     def freeze(self, freeze_at: int) -> None:
         """Freeze the stem and the blocks up to the end of stage ``c{freeze_at}`` (their norms
@@ -272,7 +286,10 @@ class EfficientNetLite(Backbone):
         """The stem and the frozen blocks (all blocks when the whole backbone is frozen, or none
         is): their output features, and ``"_prefix"``, the input of the first trainable block,
         if any."""
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        # Channels-last (NHWC) input and weights: PyTorch's CPU kernels run this network's
+        # depthwise and 1x1 convolutions about 1.8x faster so (benchmarks/backbone_speed.py).
+        x = x.contiguous(memory_format=torch.channels_last)
+        x = F.relu6(conv_norm(self._conv_stem, self._bn0, x))
         num_frozen = self._num_frozen_blocks or len(self._blocks)
         outputs: Dict[str, Tensor] = {}
         x = self._run_blocks(x, 0, num_frozen, outputs)

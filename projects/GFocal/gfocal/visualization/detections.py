@@ -1,11 +1,14 @@
 """Detections drawn over their ground truth with detectron2's Visualizer: ground-truth boxes
 green (crowd / ignored ones grey), predictions red and labelled with their score."""
 import os
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
-__all__ = ["GT_COLOR", "IGNORED_COLOR", "PRED_COLOR", "draw_detections", "draw_dataset_predictions"]
+__all__ = [
+    "GT_COLOR", "IGNORED_COLOR", "PRED_COLOR", "draw_detections", "draw_dataset_predictions",
+    "draw_dataset_results",
+]
 
 Color = Tuple[float, float, float]
 GT_COLOR: Color = (0.1, 0.9, 0.1)  # green: ground-truth boxes
@@ -42,6 +45,41 @@ def draw_dataset_predictions(predictor: Callable[[np.ndarray], dict], dataset: s
     ``num`` images of the registered ``dataset`` and save each as ``out_dir/<image name>.png``
     with its ground truth and the predictions scoring at least ``score_thresh``; returns the
     paths."""
+    return _draw_records(dataset, out_dir, num, score_thresh,
+                         lambda record, bgr: predictor(bgr)["instances"].to("cpu"))
+
+
+def draw_dataset_results(results_json: str, dataset: str, out_dir: str, num: int,
+                         score_thresh: float) -> List[str]:
+    """As :func:`draw_dataset_predictions`, with the detections an evaluation already wrote
+    (COCOEvaluator's ``coco_instances_results.json`` of ``dataset``: XYWH boxes by image id)
+    rather than running a model again."""
+    import json
+
+    import torch
+    from detectron2.structures import Boxes, BoxMode, Instances
+
+    with open(results_json) as f:
+        results = json.load(f)
+    by_image: Dict[int, list] = {}
+    for r in results:
+        by_image.setdefault(r["image_id"], []).append(r)
+
+    def detections_of(record: dict, bgr: np.ndarray) -> Instances:
+        rows = by_image.get(record["image_id"], [])
+        boxes = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32).reshape(-1, 4)
+        inst = Instances(bgr.shape[:2])
+        inst.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
+        inst.scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
+        return inst
+
+    return _draw_records(dataset, out_dir, num, score_thresh, detections_of)
+
+
+def _draw_records(dataset: str, out_dir: str, num: int, score_thresh: float,
+                  detections_of: Callable[[dict, np.ndarray], object]) -> List[str]:
+    """The first ``num`` images of ``dataset`` drawn with ``detections_of(record, bgr)`` (those
+    scoring at least ``score_thresh``); returns the PNG paths."""
     import cv2
 
     from detectron2.data import DatasetCatalog, MetadataCatalog
@@ -53,7 +91,7 @@ def draw_dataset_predictions(predictor: Callable[[np.ndarray], dict], dataset: s
         bgr = cv2.imread(record["file_name"])
         if bgr is None:
             raise FileNotFoundError(f"dataset {dataset!r}: cannot read image {record['file_name']}")
-        instances = predictor(bgr)["instances"].to("cpu")
+        instances = detections_of(record, bgr)
         instances = instances[instances.scores >= score_thresh]
         name = os.path.splitext(os.path.basename(record["file_name"]))[0] + ".png"
         path = os.path.join(out_dir, name)
