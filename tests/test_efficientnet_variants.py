@@ -128,3 +128,40 @@ def test_feature_cache_with_a_larger_variant():
     # Another variant's backbone has other weights: its features are stored under another hash.
     lite0 = efficientnet_lite(variant="lite0", out_features=["c3", "c4", "c5"], freeze_at=5)
     assert lite0.weights_fingerprint() != cached.weights_fingerprint()
+
+
+@pytest.mark.parametrize("stride", [1, 2])  # nn.Conv2d, and SamePadConv2d's TensorFlow padding
+def test_folded_frozen_norm_gives_conv_then_norm_and_its_gradients(stride):
+    """conv_norm folds a FrozenBatchNorm2d into the convolution: the same output and the same
+    gradients of the (trainable) convolution weights as the norm applied after the conv."""
+    from detectron2.layers import FrozenBatchNorm2d
+
+    from gfocal.modeling.efficientnet_lite import _conv_bn, conv_norm
+
+    gen = torch.Generator().manual_seed(0)
+    conv, _ = _conv_bn(6, 10, 3, stride=stride)
+    norm = FrozenBatchNorm2d(10, eps=1e-3)
+    norm.weight.copy_(torch.rand(10, generator=gen) + 0.5)
+    norm.bias.copy_(torch.randn(10, generator=gen))
+    norm.running_mean.copy_(torch.randn(10, generator=gen))
+    norm.running_var.copy_(torch.rand(10, generator=gen) + 0.1)
+    x = torch.randn(2, 6, 17, 14, generator=gen)
+    folded = conv_norm(conv, norm, x)
+    (grad_folded,) = torch.autograd.grad(folded.square().sum(), conv.weight)
+    plain = norm(conv(x))
+    (grad_plain,) = torch.autograd.grad(plain.square().sum(), conv.weight)
+    assert folded.shape == plain.shape == (2, 10, -(-17 // stride), -(-14 // stride))
+    torch.testing.assert_close(folded, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_folded, grad_plain, rtol=1e-4, atol=1e-4)
+    bn = torch.nn.BatchNorm2d(10).eval()  # any other norm runs after the conv, as it is
+    torch.testing.assert_close(conv_norm(conv, bn, x), bn(conv(x)), rtol=0, atol=0)
+
+
+def test_backbone_runs_channels_last_and_keeps_it_through_loading():
+    """Weights and input in channels-last order (the fast CPU kernels); loading weights keeps it."""
+    model = EfficientNetLite(["c3", "c5"], freeze_at=5, norm="FrozenBN", variant="lite0")
+    load_lite_weights(model, "package")
+    weight = model._blocks[3]._depthwise_conv.weight
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    feats = model.eval()(torch.randn(1, 3, 64, 64))
+    assert all(f.is_contiguous(memory_format=torch.channels_last) for f in feats.values())

@@ -1,4 +1,6 @@
 """The frozen-backbone feature cache (MODEL.EFFICIENTNET_LITE.FEATURE_CACHE_MB)."""
+import os
+
 import pytest
 import torch
 
@@ -202,8 +204,14 @@ def test_cache_at_test_serves_evaluation_from_the_features_training_wrote(tmp_pa
         changed = {k: v * 2 if k == "_conv_stem.weight" else v for k, v in trainer.state_dict().items()}
     evaluator.load_state_dict(changed)
     evaluator.eval()  # a new phase: the fingerprint is checked again
+    files = sorted(os.listdir(tmp_path))
     evaluator(x)
     assert eval_calls == [2] and len(evaluator.feature_cache) == 2
+    # kept in memory (a second evaluation in this process reads them), not written: files are
+    # training's
+    assert sorted(os.listdir(tmp_path)) == files
+    evaluator(x)
+    assert eval_calls == [2]
 
 
 def test_cache_at_test_needs_a_cache():

@@ -57,9 +57,11 @@ class FeatureCache:
         digest.update(f"{tuple(data.shape)}{data.dtype}".encode())
         return digest.hexdigest()
 
-    def __call__(self, x: Tensor, compute: Callable[[Tensor], Dict[str, Tensor]]) -> Dict[str, Tensor]:
+    def __call__(self, x: Tensor, compute: Callable[[Tensor], Dict[str, Tensor]],
+                 save: bool = True) -> Dict[str, Tensor]:
         """Features of the batch ``x`` (N, C, H, W): cached ones looked up, the rest computed by
-        ``compute`` on the sub-batch of unseen images (without autograd) and stored."""
+        ``compute`` on the sub-batch of unseen images (without autograd) and stored; in memory
+        only unless ``save`` (then also in ``directory``)."""
         keys = [self.key(image) for image in x]
         fresh: Dict[str, Dict[str, Tensor]] = {}
         for i, k in enumerate(keys):
@@ -76,7 +78,8 @@ class FeatureCache:
                 computed = compute(x[missing])
             for j, i in enumerate(missing):
                 fresh[keys[i]] = {name: f[j].clone() for name, f in computed.items()}
-                self._save(keys[i], fresh[keys[i]])
+                if save:
+                    self._save(keys[i], fresh[keys[i]])
         per_image: List[Dict[str, Tensor]] = []
         for k in keys:
             if k in fresh:
