@@ -140,8 +140,10 @@ class MBConv(nn.Module):
         self.skip = stride == 1 and c_in == c_out
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.relu6(conv_norm(self._expand_conv, self._bn0, x)) if self.expand else x
-        y = F.relu6(conv_norm(self._depthwise_conv, self._bn1, y))
+        # in place: on channels-last tensors PyTorch's CPU relu6 is several times slower
+        # out of place (it is a fresh conv output here, which autograd does not need)
+        y = F.relu6(conv_norm(self._expand_conv, self._bn0, x), inplace=True) if self.expand else x
+        y = F.relu6(conv_norm(self._depthwise_conv, self._bn1, y), inplace=True)
         y = conv_norm(self._project_conv, self._bn2, y)
         return x + y if self.skip else y
 
@@ -263,8 +265,7 @@ class EfficientNetLite(Backbone):
                     cache.reset(fingerprint)  # entries of other weights are never served
                 self._fingerprint_checked = True
             # Files are written by training only: what an evaluation computes (other test sizes,
-            # new images) is not read again by anyone, and writing it cost the main job's
-            # evaluation of the training tiles about a third of its time.
+            # new images) is kept in memory for this process, not written for others.
             return self._forward_rest(cache(x, self._forward, save=self.training))
         return self._forward_rest(self._forward(x))
 
@@ -292,7 +293,7 @@ class EfficientNetLite(Backbone):
         # Channels-last (NHWC) input and weights: PyTorch's CPU kernels run this network's
         # depthwise and 1x1 convolutions about 1.8x faster so (benchmarks/backbone_speed.py).
         x = x.contiguous(memory_format=torch.channels_last)
-        x = F.relu6(conv_norm(self._conv_stem, self._bn0, x))
+        x = F.relu6(conv_norm(self._conv_stem, self._bn0, x), inplace=True)
         num_frozen = self._num_frozen_blocks or len(self._blocks)
         outputs: Dict[str, Tensor] = {}
         x = self._run_blocks(x, 0, num_frozen, outputs)
