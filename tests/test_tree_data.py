@@ -180,3 +180,32 @@ def test_concurrent_builds_wait_for_each_other(tmp_path, monkeypatch):
     assert not errors, errors
     assert len(builders) == 2  # one per split: the second worker found the first one's builds intact
     assert len(_load(root, "val").imgs) == 6
+
+
+def test_tile_grid_subset_keeps_every_other_column_and_row():
+    """The main job's threshold tiles: every 2nd column and row of the training grid and the last
+    ones, 42 of the 132 tiles, still covering the whole training image, with their records."""
+    from detectron2.data import DatasetCatalog, MetadataCatalog
+
+    from gfocal.data.tree_crowns import register_tile_grid_subset
+
+    assert register_tile_grid_subset("train", 1) == "neon_trees_train"
+    name = register_tile_grid_subset("train", 2)
+    assert name == "neon_trees_train_every2" and register_tile_grid_subset("train", 2) == name
+    full = {r["image_id"]: r for r in DatasetCatalog.get("neon_trees_train")}
+    subset = DatasetCatalog.get(name)
+    assert len(full) == 132 and len(subset) == 6 * 7 == 42
+    assert all(r == full[r["image_id"]] for r in subset)
+    with open(MetadataCatalog.get("neon_trees_train").json_file) as f:
+        images = json.load(f)["images"]
+    windows = {im["id"]: im["window"] for im in images}
+    width = max(w[2] for w in windows.values())
+    height = max(w[3] for w in windows.values())
+    kept = [windows[r["image_id"]] for r in subset]
+    for axis, size in ((0, width), (1, height)):
+        starts = sorted({w[axis] for w in kept})
+        assert starts[0] == 0 and starts[-1] + 400 == size  # first and last tile of the grid
+        assert (np.diff(starts) <= 400).all()  # no hole
+        assert len(starts) == (6, 7)[axis]  # of 11 columns and 12 rows
+    with pytest.raises(ValueError, match="step 0 must be >= 1"):
+        register_tile_grid_subset("train", 0)

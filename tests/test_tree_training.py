@@ -83,6 +83,9 @@ def test_main_job_short_run(tmp_path):
     # Precision/recall at IoU 0.4 on validation, at the best-F1 threshold of the training tiles.
     pr = summary["precision_recall"]
     assert pr["val"]["iou"] == 0.4 and pr["val"]["score_thresh"] == pr["train_chosen"]["best_f1_score_thresh"]
+    # chosen on every 2nd column and row of the training tiles (--threshold-tile-step 2)
+    assert summary["threshold_tiles"] == {"dataset": "neon_trees_train_every2", "num_tiles": 42, "of": 132}
+    assert "training tiles (42 of 132, for comparison)" in proc.stdout
     assert 0.0 <= pr["val"]["precision"] <= 100.0 and 0.0 <= pr["val"]["recall"] <= 100.0
     assert len(summary["images"]) == 2 and all(p.endswith(".png") for p in summary["images"])
     assert all(os.path.getsize(p) > 1000 for p in summary["images"])

@@ -33,6 +33,8 @@ def format_summary(summary: dict, summary_json: str, vis_dir: str) -> str:
     val_pr, train_at = summary["precision_recall"]["val"], summary["precision_recall"]["train"]
     whole, times = summary["whole_image"], summary["times"]
     diff = max(abs(metrics[k] - summary["eval_only_metrics"][k]) for k in METRIC_KEYS)
+    grid = summary.get("threshold_tiles")  # the tiles the threshold was chosen on
+    tiles = f"{grid['num_tiles']} of {grid['of']}" if grid else "all"
     lines = [
         "",
         "=" * 72,
@@ -41,7 +43,7 @@ def format_summary(summary: dict, summary_json: str, vis_dir: str) -> str:
         + f"   (seed {summary['seed']}; another: append SEED {summary['seed'] + 1})",
         "  at IoU {iou:g}, score >= {score_thresh:.2f} (best F1 on the training tiles): "
         "precision {precision:.1f}  recall {recall:.1f}  F1 {f1:.1f}".format(**val_pr),
-        "  training tiles (for comparison): "
+        f"  training tiles ({tiles}, for comparison): "
         + "   ".join(f"{k} {train_metrics[k]:.1f}" for k in METRIC_KEYS)
         + "   F1 {f1:.1f}; median IoU of the hits: train {tiou:.2f}, validation {viou:.2f}".format(
             f1=train_at["f1"], tiou=train_at["median_hit_iou"], viou=val_pr["median_hit_iou"]
