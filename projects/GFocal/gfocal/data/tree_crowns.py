@@ -221,6 +221,7 @@ def register_tile_grid_subset(split: str = "train", step: int = 2) -> str:
         if any(w is None for w in windows.values()):
             raise ValueError(f"{MetadataCatalog.get(parent).json_file}: images without a 'window' "
                              "(tiles written before windows were recorded: build them again)")
+
         def kept(axis: int) -> set:  # the grid's starts along x (0) or y (1) that stay
             starts = sorted({w[axis] for w in windows.values()})
             return {x for i, x in enumerate(starts) if i % step == 0 or i == len(starts) - 1}
