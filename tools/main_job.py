@@ -10,8 +10,9 @@
 3. evaluates the written checkpoint again as ``train_net.py --eval-only`` does
    (gfocal.engine.defaults.evaluate) on the training and validation tiles, checks that the
    validation AP is the same, and reports precision / recall / F1 at IoU 0.4 on validation at the
-   score threshold with the best F1 on the training tiles (the frozen backbone's features of
-   the training tiles are read from ``--feature-cache-dir``, where training wrote them);
+   score threshold with the best F1 on the training tiles (every 2nd column and row of their
+   grid and the last ones, ``--threshold-tile-step``; the frozen backbone's features of the
+   training tiles are read from ``--feature-cache-dir``, where training wrote them);
 4. draws ground truth (green; border-cut crowns grey) and the evaluation's detections (red, with
    scores) at that threshold on the validation tiles (gfocal.visualization) as PNGs;
 5. writes ``summary.json`` and prints AP/AP50/AP75, precision/recall and where the files are.
