@@ -92,6 +92,8 @@ RULES: Dict[str, dict] = {
     # --tta: 2 versions per tile at the patch size (the recipe's 24 would take minutes)
     "tools/predict.py": {"add": {"--opts": ["TEST.AUG.MIN_SIZES", "(400,)", "TEST.AUG.MAX_SIZE", "400",
                                             "TEST.AUG.DIHEDRAL", "False"]}},
+    "benchmarks/backbone_speed.py": {"replace": {"--repeats": ["1"], "--warmup": ["0"], "--sizes": ["64"]},
+                                     "add": {"--warmup": ["0"], "--sizes": ["64"]}},
     "benchmarks/backbone_variants.py": {"replace": {"--repeats": ["1"], "--warmup": ["0"]},
                                         "add": {"--warmup": ["0"], "--variants": ["lite0", "lite1"]}},
     "benchmarks/tiled_predict.py": {
@@ -109,7 +111,8 @@ RULES: Dict[str, dict] = {
 # (OMP_NUM_THREADS=1 there; these scripts would set their own count over it).
 THREADED = ("tools/run_ablation.py", "benchmarks/inference.py", "benchmarks/profile_head.py",
             "benchmarks/train_step.py", "benchmarks/atss_assign.py", "benchmarks/nodata_skip.py",
-            "benchmarks/backbone_variants.py", "benchmarks/tiled_predict.py")
+            "benchmarks/backbone_variants.py", "benchmarks/tiled_predict.py",
+            "benchmarks/backbone_speed.py")
 for _name in THREADED:
     RULES[_name].setdefault("replace", {})["--threads"] = ["1"]
     RULES[_name].setdefault("add", {})["--threads"] = ["1"]
