@@ -140,14 +140,6 @@ def evaluate_again(cfg, weights: str, eval_dir: str, train_set: str = TRAIN_SET)
     return evaluate(cfg)
 
 
-def draw(results_json: str, dataset: str, out_dir: str, num: int, score_thresh: float) -> List[str]:
-    """The first ``num`` tiles of ``dataset`` with ground truth and the detections the evaluation
-    wrote (the checkpoint's EMA weights and TTA, as the recipe sets them)."""
-    from gfocal.visualization import draw_dataset_results
-
-    return draw_dataset_results(results_json, dataset, out_dir, num, score_thresh)
-
-
 def main(argv=None) -> Dict[str, float]:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -167,6 +159,7 @@ def main(argv=None) -> Dict[str, float]:
     from gfocal.evaluation import METRIC_KEYS, box_metrics, logged_box_metrics
     from gfocal.evaluation.precision_recall import results_precision_recall
     from gfocal.evaluation.tree_report import format_summary, whole_image_report
+    from gfocal.visualization import draw_dataset_results
 
     cfg = load_config(args.config_file, args.opts)
     suffix = "_TTA" if cfg.TEST.AUG.ENABLED else ""  # the recipe's results: with TTA if set
@@ -219,9 +212,11 @@ def main(argv=None) -> Dict[str, float]:
 
     # 4. Draw, 5. whole images.
     t = time.perf_counter()
-    drawn = draw(os.path.join(eval_dir, results_name), VAL_SET, os.path.join(out, "vis"),
-                 args.num_draw,
-                 score_thresh if args.draw_score_thresh is None else args.draw_score_thresh)
+    # the evaluation's own detections (EMA weights and TTA as the recipe sets them)
+    drawn = draw_dataset_results(
+        os.path.join(eval_dir, results_name), VAL_SET, os.path.join(out, "vis"), args.num_draw,
+        score_thresh if args.draw_score_thresh is None else args.draw_score_thresh,
+    )
     times["draw_s"] = time.perf_counter() - t
     cache_files["after_evaluation"] = _count_files(cache_dir)
     if own_cache:

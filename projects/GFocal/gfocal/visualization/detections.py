@@ -1,7 +1,7 @@
 """Detections drawn over their ground truth with detectron2's Visualizer: ground-truth boxes
 green (crowd / ignored ones grey), predictions red and labelled with their score."""
 import os
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 
@@ -57,20 +57,22 @@ def draw_dataset_results(results_json: str, dataset: str, out_dir: str, num: int
     import json
 
     import torch
-    from detectron2.structures import Boxes, BoxMode, Instances
+    from detectron2.data import DatasetCatalog
+    from detectron2.structures import Boxes, Instances
+
+    from ..evaluation.precision_recall import coco_images
 
     with open(results_json) as f:
         results = json.load(f)
-    by_image: Dict[int, list] = {}
-    for r in results:
-        by_image.setdefault(r["image_id"], []).append(r)
+    # coco_images groups the results by image and converts them to XYXY, in the dataset's order
+    by_image = {record["image_id"]: image for record, image in
+                zip(DatasetCatalog.get(dataset), coco_images(dataset, results))}
 
     def detections_of(record: dict, bgr: np.ndarray) -> Instances:
-        rows = by_image.get(record["image_id"], [])
-        boxes = torch.tensor([r["bbox"] for r in rows], dtype=torch.float32).reshape(-1, 4)
+        image = by_image[record["image_id"]]
         inst = Instances(bgr.shape[:2])
-        inst.pred_boxes = Boxes(BoxMode.convert(boxes, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS))
-        inst.scores = torch.tensor([r["score"] for r in rows], dtype=torch.float32)
+        inst.pred_boxes = Boxes(torch.as_tensor(image["boxes"], dtype=torch.float32))
+        inst.scores = torch.as_tensor(image["scores"], dtype=torch.float32)
         return inst
 
     return _draw_records(dataset, out_dir, num, score_thresh, detections_of)
